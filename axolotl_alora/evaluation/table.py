@@ -1,0 +1,115 @@
+"""The paper's Table 1 shape from lm-eval results: rows = runs, columns = general PPL, domain acc.
+
+`results` everywhere is `{run name: lm-eval results dict}` (what `simple_evaluate` returns,
+or the per-run JSON `alora eval` saves). A column is one task: perplexity tasks show
+lm-eval's `word_perplexity` (lower is better), the others its `acc` (higher is better),
+each with lm-eval's standard error where it reports one (it reports none for perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PPL_METRIC = "word_perplexity"
+ACC_METRIC = "acc"
+FILTER = "none"  # lm-eval's filter name for tasks without filters
+LABELS = {
+    "alora_wikitext2": "WikiText-2",
+    "alora_general_ppl": "General held-out",
+    "alora_sciq": "SciQ",
+    "alora_piqa": "PIQA",
+    "alora_medmcqa": "MedMCQA",
+}
+
+
+def _metric(task_result: dict) -> str | None:
+    for metric in (PPL_METRIC, ACC_METRIC):
+        if f"{metric},{FILTER}" in task_result:
+            return metric
+    return None
+
+
+def _columns(results: dict) -> list[dict]:
+    """One column per task that reports word_perplexity or acc in any run; PPL first."""
+    found: dict[str, str] = {}
+    for run in results.values():
+        for task, task_result in run["results"].items():
+            metric = _metric(task_result)
+            if metric and task not in found:
+                found[task] = metric
+    tasks = sorted(found, key=lambda task: _column_order(task, found[task]))
+    return [{"task": task, "metric": found[task], "label": _label(task, found[task])} for task in tasks]
+
+
+def _column_order(task: str, metric: str) -> tuple:
+    """Perplexity columns before accuracy ones; known tasks in LABELS order, then by name."""
+    known = list(LABELS)
+    return (metric != PPL_METRIC, known.index(task) if task in known else len(known), task)
+
+
+def _label(task: str, metric: str) -> str:
+    return f"{LABELS.get(task, task)} {'PPL ↓' if metric == PPL_METRIC else 'acc ↑'}"
+
+
+def _cell(run: dict, task: str, metric: str) -> dict | None:
+    task_result = run["results"].get(task, {})
+    if f"{metric},{FILTER}" not in task_result:
+        return None
+    stderr = task_result.get(f"{metric}_stderr,{FILTER}")
+    return {
+        "value": task_result[f"{metric},{FILTER}"],
+        "stderr": stderr if isinstance(stderr, (int, float)) else None,
+    }
+
+
+def build_table(results: dict) -> dict:
+    """The table as data: columns, one row per run, and documents scored per task."""
+    columns = _columns(results)
+    rows = [
+        {"run": name, "cells": {c["task"]: _cell(run, c["task"], c["metric"]) for c in columns}}
+        for name, run in results.items()
+    ]
+    samples = {}
+    for run in results.values():
+        for task, n in run.get("n-samples", {}).items():
+            samples.setdefault(task, n["effective"])
+    return {"columns": columns, "rows": rows, "samples": {c["task"]: samples.get(c["task"]) for c in columns}}
+
+
+def _format(cell: dict | None, metric: str) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell['value']:.2f}" if metric == PPL_METRIC else f"{cell['value']:.4f}"
+    if cell["stderr"] is not None:
+        text += f" ± {cell['stderr']:.4f}"
+    return text
+
+
+def to_markdown(table: dict) -> str:
+    columns = table["columns"]
+    lines = [
+        "| run | " + " | ".join(c["label"] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for row in table["rows"]:
+        cells = [_format(row["cells"][c["task"]], c["metric"]) for c in columns]
+        lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
+    counted = ", ".join(f"{c['task']} {table['samples'][c['task']]}" for c in columns)
+    lines += [
+        "",
+        f"PPL: lm-eval `{PPL_METRIC}` (rolling log-likelihood, per whitespace word). "
+        f"acc: lm-eval `{ACC_METRIC}` ± its standard error. Documents scored: {counted}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: dict, path: str | Path) -> str:
+    """Write the markdown table to `path` and the same table as JSON beside it; return the markdown."""
+    path = Path(path)
+    table = build_table(results)
+    markdown = to_markdown(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown)
+    path.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
+    return markdown

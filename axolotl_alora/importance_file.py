@@ -1,0 +1,161 @@
+"""The importance file (METHOD.md §5): safetensors only, written atomically, validated on read.
+
+Tensors, per adapted module `<name>` (its peft module path without the `base_model.model.` prefix):
+    <name>.omega   Ω, d_out×d_in (float32 or bfloat16 storage)
+    <name>.lora_A  reference A^ν, r×d_in, float32
+    <name>.lora_B  reference B^ν, d_out×r, float32
+plus `__base_fingerprint__`: a slice of the base model's input embeddings, to recognise the base model.
+Safetensors metadata: `format` = "alora-importance", `format_version`, and `alora` = a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FORMAT = "alora-importance"
+FORMAT_VERSION = 1
+FINGERPRINT_KEY = "__base_fingerprint__"
+SUFFIXES = ("omega", "lora_A", "lora_B")
+
+
+class ImportanceFileError(ValueError):
+    """The importance file is missing, unreadable, inconsistent or does not match the model."""
+
+
+@dataclass
+class ImportanceFile:
+    omega: dict[str, Tensor]
+    lora_A: dict[str, Tensor]
+    lora_B: dict[str, Tensor]
+    metadata: dict = field(default_factory=dict)
+    fingerprint: Tensor | None = None
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.omega)
+
+
+def write_importance_file(path: str | os.PathLike, data: ImportanceFile, omega_dtype: str = "float32") -> Path:
+    """Write `data` to `path` atomically: a temp file in the same directory, fsync, then rename."""
+    from safetensors.torch import save_file
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[omega_dtype]
+    tensors = {}
+    for name in data.omega:
+        tensors[f"{name}.omega"] = data.omega[name].detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_A"] = data.lora_A[name].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.lora_B"] = data.lora_B[name].detach().to("cpu", torch.float32).contiguous()
+    if data.fingerprint is not None:
+        tensors[FINGERPRINT_KEY] = data.fingerprint.detach().to("cpu", torch.float32).contiguous()
+    meta = {**data.metadata, "omega_dtype": omega_dtype}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "alora": json.dumps(meta)}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The file's `alora` metadata, after checking it is a readable importance file (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise ImportanceFileError(
+            f"{path} is not a readable safetensors file ({e}). Importance files are written by a general "
+            f"stage with `alora_record_importance: true`; point alora_importance_path at one."
+        ) from None
+    if header.get("format") != FORMAT:
+        raise ImportanceFileError(
+            f"{path} is a safetensors file but not an ALoRA importance file (metadata format="
+            f"{header.get('format')!r}, expected {FORMAT!r}). Point alora_importance_path at the "
+            f"alora_importance.safetensors written by the general stage."
+        )
+    if int(header.get("format_version", -1)) > FORMAT_VERSION:
+        raise ImportanceFileError(f"{path} has format_version {header['format_version']}; this plugin reads up to {FORMAT_VERSION}. Upgrade axolotl-alora.")
+    try:
+        meta = json.loads(header["alora"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ImportanceFileError(f"{path}: its `alora` metadata is missing or not JSON ({e}).") from None
+    _check_keys(path, meta, keys)
+    return meta
+
+
+def read_importance_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImportanceFile:
+    """Load and validate: every module has Ω, A^ν, B^ν of consistent shapes; Ω finite and ≥ 0."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path)
+    path = Path(path)
+    data = ImportanceFile({}, {}, {}, meta)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in meta["modules"]:
+                data.omega[name] = f.get_tensor(f"{name}.omega").float()
+                data.lora_A[name] = f.get_tensor(f"{name}.lora_A").float()
+                data.lora_B[name] = f.get_tensor(f"{name}.lora_B").float()
+            if FINGERPRINT_KEY in f.keys():
+                data.fingerprint = f.get_tensor(FINGERPRINT_KEY)
+    except ImportanceFileError:
+        raise
+    except Exception as e:
+        raise ImportanceFileError(f"{path} could not be read completely ({e}); is it truncated? Re-run the general stage.") from None
+    for name in data.omega:
+        _check_module(path, name, data.omega[name], data.lora_A[name], data.lora_B[name])
+    return data
+
+
+def _existing(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ImportanceFileError(
+            f"importance file {path} does not exist. Run the general stage with `alora_record_importance: true` "
+            f"(it writes <output_dir>/alora_importance.safetensors) and set alora_importance_path to that file."
+        )
+    return path
+
+
+def _check_keys(path: Path, meta: dict, keys: list[str]) -> None:
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise ImportanceFileError(f"{path}: metadata lists no modules; the file is damaged. Re-run the general stage.")
+    expected = {f"{n}.{s}" for n in modules for s in SUFFIXES}
+    missing = sorted(expected - set(keys))
+    if missing:
+        raise ImportanceFileError(f"{path}: tensors missing for listed modules, e.g. {missing[:3]}; the file is damaged.")
+
+
+def _check_module(path: Path, name: str, omega: Tensor, A: Tensor, B: Tensor) -> None:
+    if omega.dim() != 2 or A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or omega.shape != (B.shape[0], A.shape[1]):
+        raise ImportanceFileError(
+            f"{path}: inconsistent shapes for {name}: omega {tuple(omega.shape)}, lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}."
+        )
+    bad = (~torch.isfinite(omega)).sum().item()
+    if bad:
+        raise ImportanceFileError(f"{path}: {name}.omega has {bad} NaN/Inf values; the general stage diverged. Re-run it (lower learning_rate, or max_grad_norm).")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ImportanceFileError(f"{path}: the reference adapter of {name} has NaN/Inf values; re-run the general stage.")
+    if (omega < 0).any():
+        raise ImportanceFileError(f"{path}: {name}.omega has negative values; importance must be ≥ 0 (METHOD.md §1 clamps it).")

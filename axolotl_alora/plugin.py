@@ -1,0 +1,181 @@
+"""AloraPlugin: validates early, then wires the importance recorder (stage ν) and the regularizer (stage μ)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+
+from .args import IMPORTANCE_FILENAME
+from .importance_file import ImportanceFile, ImportanceFileError, read_importance_file
+from .lora import LoraModule, adapted_modules, base_fingerprint, same_base_model
+from .regularizer import RegularizedModule, Regularizer, effective_layers, layer_weights
+
+LOG = logging.getLogger("axolotl.alora")
+
+
+def alora_enabled(cfg) -> bool:
+    return bool(cfg.get("alora_record_importance") or cfg.get("alora_importance_path"))
+
+
+class AloraPlugin(BasePlugin):
+    """ALoRA (arXiv 2501.13669): SI importance in a general stage, layer/element-wise regularization after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.previous: ImportanceFile | None = None
+        self.regularizer: Regularizer | None = None
+        self.recorder = None
+
+    def get_input_args(self):
+        return "axolotl_alora.args.AloraArgs"
+
+    def pre_model_load(self, cfg):
+        if not alora_enabled(cfg) or not cfg.alora_importance_path:
+            return
+        # every check that needs only the file runs here, before the model is loaded
+        self.previous = read_importance_file(cfg.alora_importance_path)
+        meta = self.previous.metadata
+        LOG.info(
+            "ALoRA: read importance for %d modules from %s (source %s, %s steps, base %s)",
+            len(self.previous.omega), cfg.alora_importance_path, meta.get("source"), meta.get("steps"), meta.get("base_model"),
+        )
+
+    def post_model_load(self, cfg, model):
+        if not alora_enabled(cfg):
+            return
+        modules = adapted_modules(model)
+        fingerprint = base_fingerprint(model)
+        if self.previous is not None:
+            path = cfg.alora_importance_path
+            check_modules_match(self.previous, modules, path)
+            check_base_model(self.previous, fingerprint, cfg)
+            self.regularizer = build_regularizer(self.previous, modules, cfg)
+        if cfg.alora_record_importance:
+            from .callbacks import ImportanceRecorder
+
+            self.recorder = ImportanceRecorder(
+                modules,
+                output_path=Path(cfg.output_dir) / IMPORTANCE_FILENAME,
+                xi=float(cfg.alora_xi),
+                omega_dtype=cfg.alora_importance_dtype or "float32",
+                metadata=base_metadata(cfg, model),
+                fingerprint=fingerprint,
+                previous=self.previous,
+                resume_from_checkpoint=cfg.resume_from_checkpoint,
+            )
+        else:
+            self.previous = None  # the regularizer holds what it needs
+
+    def get_training_args(self, cfg):
+        if alora_enabled(cfg) and cfg.alora_record_importance and cfg.include_tokens_per_second is None:
+            return {"include_num_input_tokens_seen": "non_padding"}  # for the file's `tokens`
+        return None
+
+    def get_trainer_cls(self, cfg):
+        if alora_enabled(cfg) and cfg.alora_importance_path:
+            from .trainer import AloraTrainer
+
+            return AloraTrainer
+        return None
+
+    def post_trainer_create(self, cfg, trainer):
+        if self.regularizer is None:
+            return
+        from .trainer import AloraTrainer
+
+        if not isinstance(trainer, AloraTrainer):
+            raise RuntimeError(
+                f"ALoRA needs its trainer class, but {type(trainer).__name__} was built (another plugin's "
+                "get_trainer_cls or an RL trainer?). ALoRA's domain stage supports supervised LoRA training only."
+            )
+        trainer.alora_regularizer = self.regularizer
+        trainer.alora_phi = float(cfg.alora_phi)
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        return [self.recorder] if self.recorder is not None else []
+
+
+def check_modules_match(data: ImportanceFile, modules: list[LoraModule], path) -> None:
+    """The file's modules and shapes must be exactly the model's LoRA modules; name the first mismatches."""
+    ours = {m.name: m.shape for m in modules}
+    theirs = {n: tuple(o.shape) for n, o in data.omega.items()}
+    problems = [f"{n}: in the model, not in the file" for n in ours if n not in theirs]
+    problems += [f"{n}: in the file, not in the model" for n in theirs if n not in ours]
+    problems += [f"{n}: shape {ours[n]} in the model, {theirs[n]} in the file" for n in ours if n in theirs and ours[n] != theirs[n]]
+    if problems:
+        raise ImportanceFileError(
+            f"{path} does not match this model's LoRA modules ({len(problems)} differences; first: "
+            + "; ".join(problems[:3])
+            + "). Use the same base model and lora_target_modules as the general stage (or its lora_model_dir)."
+        )
+
+
+def check_base_model(data: ImportanceFile, fingerprint, cfg) -> None:
+    if data.fingerprint is None or same_base_model(data.fingerprint, fingerprint):
+        return
+    message = (
+        f"{cfg.alora_importance_path} was recorded on base model {data.metadata.get('base_model')!r}, whose weights "
+        f"differ from this run's base_model {cfg.base_model!r}. Importance is only meaningful for the model it was "
+        "recorded on: run the general stage on this base model"
+    )
+    if not cfg.alora_allow_base_model_mismatch:
+        raise ImportanceFileError(message + ", or set alora_allow_base_model_mismatch: true to use it anyway.")
+    LOG.warning("ALoRA: %s; continuing because alora_allow_base_model_mismatch is set.", message)
+
+
+def build_regularizer(data: ImportanceFile, modules: list[LoraModule], cfg) -> Regularizer:
+    """Ω and θ^ν from the file, layer weights from n_l = ‖Ω_l‖_F (eq. 17), optional mean normalization (§4)."""
+    import torch
+
+    names = [m.name for m in modules]
+    norms = torch.stack([torch.linalg.vector_norm(data.omega[n].double()) for n in names])
+    weights = layer_weights(norms, cfg.alora_layer_weighting, cfg.alora_softmax_temperature)
+    normalizer = 1.0
+    if cfg.alora_importance_normalization == "mean":
+        total = sum(float(data.omega[n].double().sum()) for n in names)
+        normalizer = total / sum(data.omega[n].numel() for n in names)
+        if not normalizer > 0:
+            raise ImportanceFileError(f"{cfg.alora_importance_path}: Ω is zero everywhere; mean normalization is undefined.")
+    file_modules = data.metadata["modules"]
+    regularized = []
+    for m, w in zip(modules, weights.tolist()):
+        device = m.A.device
+        # θ^ν = s_ν·B^ν·A^ν with the general stage's scaling, written as s·(ratio·B^ν)·A^ν
+        ratio = float(file_modules[m.name]["scaling"]) / m.scaling
+        regularized.append(
+            RegularizedModule(
+                name=m.name, A=m.A, B=m.B, scaling=m.scaling,
+                omega=data.omega[m.name].to(device, torch.float32),
+                A_ref=data.lora_A[m.name].to(device, torch.float32),
+                B_ref=(data.lora_B[m.name] * ratio if ratio != 1.0 else data.lora_B[m.name]).to(device, torch.float32),
+                coefficient=w / normalizer,
+            )
+        )
+    n_eff = effective_layers(weights)
+    LOG.info(
+        "ALoRA: regularizing %d modules, layer weighting %s (effective layers %.2f), normalization %s, phi %g",
+        len(modules), cfg.alora_layer_weighting, n_eff, cfg.alora_importance_normalization, float(cfg.alora_phi),
+    )
+    if cfg.alora_layer_weighting == "softmax" and n_eff > 0.99 * len(modules):
+        LOG.warning(
+            "ALoRA: softmax layer weights are uniform to within 1%% (effective layers %.2f of %d): n_l = ||Ω_l|| is "
+            "small next to the temperature. Set alora_softmax_temperature: auto for a layer-wise effect.", n_eff, len(modules),
+        )
+    return Regularizer(regularized)
+
+
+def base_metadata(cfg, model) -> dict:
+    from . import __version__
+
+    config = getattr(model, "config", None)
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {
+        "base_model": str(cfg.base_model),
+        "base_model_config": {k: getattr(config, k, None) for k in fields},
+        "lora_target_modules": list(cfg.lora_target_modules or []),
+        "created_by": f"axolotl-alora {__version__}",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

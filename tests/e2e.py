@@ -1,0 +1,96 @@
+"""Running real `axolotl train` subprocesses on a tiny model (helpers for the end-to-end tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def base_config(model_dir, data_path, out_dir, prepared_dir, **overrides) -> dict:
+    cfg = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(data_path), "ds_type": "json", "type": "completion"}],
+        "dataset_prepared_path": str(prepared_dir),
+        "val_set_size": 0,
+        "output_dir": str(out_dir),
+        "sequence_len": 64,
+        "sample_packing": False,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 4,
+        "learning_rate": 0.01,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
+        "weight_decay": 0.01,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "lora_embedding_kernel": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 7,
+        "dataloader_num_workers": 0,
+        "plugins": ["axolotl_alora.AloraPlugin"],
+    }
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def train(cfg: dict, cfg_path: Path, launcher: list[str] | None = None, check: bool = True, timeout: int = 600, env: dict | None = None):
+    """Write `cfg` as YAML and run Axolotl's training CLI on it; returns the CompletedProcess."""
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **(env or {}),
+    }
+    cmd = (launcher or [sys.executable, "-m", "axolotl.cli.train"]) + [str(cfg_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    (cfg_path.parent / (cfg_path.stem + ".log")).write_text(proc.stdout + "\n" + proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"axolotl train failed ({proc.returncode}) for {cfg_path}:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_logs(text: str) -> list[dict]:
+    """The per-step dicts the Trainer prints ({'loss': '5.9', ...}), values as floats where they are numbers."""
+    import ast
+
+    logs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{'loss'"):
+            entry = ast.literal_eval(line)
+            logs.append({k: _number(v) for k, v in entry.items()})
+    return logs
+
+
+def _number(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v

@@ -1,0 +1,246 @@
+"""End to end: real `axolotl train` subprocesses on a tiny random Llama (CPU, a few steps).
+
+All runs start from one saved adapter (`lora_model_dir`), because Axolotl 0.19 seeds only after the
+LoRA layers are initialised (AXOLOTL.md §6); OMP_NUM_THREADS=1 keeps CPU math deterministic.
+Independent runs go in parallel; each test waits only for the runs it reads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from e2e import base_config, train, train_logs
+from tiny import build_tiny_llama, write_text_jsonl
+
+pytestmark = pytest.mark.e2e
+FILE = "alora_importance.safetensors"
+PHI = 3e5  # large enough that the penalty visibly moves the adapter in 4 steps on this tiny model
+
+
+@dataclass
+class Run:
+    out: Path
+    returncode: int
+    log: str
+
+    @property
+    def logs(self):
+        return train_logs(self.log)
+
+    def adapter(self):
+        return load_file(str(self.out / "adapter_model.safetensors"))
+
+    def importance(self):
+        return load_file(str(self.out / FILE))
+
+    def metadata(self):
+        from axolotl_alora.importance_file import read_metadata
+
+        return read_metadata(self.out / FILE)
+
+
+class Runs:
+    def __init__(self, root: Path, pool: cf.ThreadPoolExecutor):
+        self.root, self.pool, self.futures = root, pool, {}
+        self.model = build_tiny_llama(root / "model")
+        self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
+        self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
+        self.init = _init_adapter(self.model, root / "init")
+
+    def submit(self, name, data, after=(), launcher=None, env=None, check=True, **overrides):
+        def job():
+            for dep in after:
+                self.get(dep)
+            out = self.root / name
+            cfg = base_config(self.model, data, out, self.root / f"prepared_{name}", **overrides)
+            proc = train(cfg, self.root / f"{name}.yml", launcher=launcher, check=check, env=env)
+            return Run(out, proc.returncode, proc.stdout + "\n" + proc.stderr)
+
+        self.futures[name] = self.pool.submit(job)
+
+    def get(self, name) -> Run:
+        return self.futures[name].result()
+
+    def out(self, name) -> Path:
+        return self.root / name
+
+
+def _init_adapter(model_dir: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def _torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "axolotl.cli.train"]
+
+
+DDP_ENV = {"ACCELERATE_USE_CPU": "true"}  # else accelerate picks DistributedType.NO: two unsynchronised trainings
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with cf.ThreadPoolExecutor(max_workers=3) as pool:
+        r = Runs(tmp_path_factory.mktemp("e2e"), pool)
+        gen, dom = r.general, r.domain
+        saving = {"save_strategy": "steps", "save_steps": 2}
+        record = {"alora_record_importance": True, **saving}
+        from_init = {"lora_model_dir": str(r.init)}
+        general_file = str(r.out("G_rec") / FILE)
+        from_general = {"lora_model_dir": str(r.out("G_rec"))}
+
+        # stage ν
+        r.submit("G_rec", gen, **from_init, **record)
+        r.submit("G_plain", gen, plugins=None, **from_init, **saving)
+        r.submit("G_ga", gen, **from_init, **record, micro_batch_size=1, gradient_accumulation_steps=4)
+        r.submit("G_stop", gen, **from_init, **record, env={"ALORA_TEST_STOP_AT": "2"},
+                 plugins=["axolotl_alora.AloraPlugin", "axolotl_test_plugins.StopAtStepPlugin"])
+        r.submit("G_ddp", gen, **from_init, **record, micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV,
+                 plugins=["axolotl_test_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+        r.submit("G_rs", gen, alora_record_importance=True, peft_use_rslora=True)
+        garbage = r.root / "garbage.safetensors"
+        garbage.write_bytes(b"this is not a safetensors file" * 10)
+        r.submit("garbage", dom, check=False, alora_importance_path=str(garbage), **from_init)
+        # resume the interrupted run from its step-2 checkpoint
+        r.submit("G_resume", gen, after=["G_stop"], **from_init, **record,
+                 resume_from_checkpoint=str(r.out("G_stop") / "checkpoint-2"))
+        # stage μ, continuing the general adapter
+        after = ["G_rec"]
+        r.submit("D_plain", dom, after=after, plugins=None, **from_general)
+        r.submit("D_chain", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=0.0, alora_record_importance=True)
+        r.submit("D_rec", dom, after=after, **from_general, alora_record_importance=True)
+        r.submit("D_alora", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI)
+        r.submit("D_ga", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
+                 micro_batch_size=1, gradient_accumulation_steps=4)
+        r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
+                 micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["axolotl_test_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+        # a second domain stage on the chain's accumulated file
+        r.submit("D2", gen, after=["D_chain"], lora_model_dir=str(r.out("D_chain")),
+                 alora_importance_path=str(r.out("D_chain") / FILE), alora_phi=PHI)
+        yield r
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _distance(a: dict, b: dict) -> float:
+    return math.sqrt(sum(float((a[k] - b[k]).double().square().sum()) for k in a))
+
+
+def _omegas(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if k.endswith(".omega")}
+
+
+def test_general_stage_writes_a_valid_importance_file(runs):
+    from axolotl_alora.importance_file import read_importance_file
+
+    run = runs.get("G_rec")
+    data = read_importance_file(run.out / FILE)
+    assert len(data.omega) == 4  # 2 layers × q_proj, v_proj
+    meta = data.metadata
+    assert meta["source"] == "si" and meta["steps"] == 4 and meta["tokens"] > 0 and meta["xi"] == 0.1
+    assert meta["stages"] == 1 and meta["base_model"] == str(runs.model)
+    for name, omega in data.omega.items():
+        assert float(omega.sum()) > 0
+        assert meta["modules"][name]["scaling"] == 2.0  # alpha 8 / r 4
+        assert meta["modules"][name]["norm"] == pytest.approx(float(torch.linalg.vector_norm(omega)), rel=1e-5)
+    # the reference adapter is the adapter the stage saved
+    saved = run.adapter()
+    for name in data.omega:
+        key = f"base_model.model.{name}.lora_A.weight"
+        torch.testing.assert_close(data.lora_A[name], saved[key].float())
+    assert "recording importance for 4 LoRA modules" in run.log and "wrote importance" in run.log
+
+
+def test_recording_importance_does_not_change_the_adapter(runs):
+    assert _same(runs.get("G_rec").adapter(), runs.get("G_plain").adapter())
+
+
+def test_phi_zero_and_recording_give_the_plain_lora_adapter(runs):
+    assert _same(runs.get("D_chain").adapter(), runs.get("D_plain").adapter())
+
+
+def test_domain_stage_logs_reg_loss_zero_first_then_positive(runs):
+    run = runs.get("D_alora")
+    logs = run.logs
+    reg = [entry["alora_reg_loss"] for entry in logs]
+    ratio = [entry["alora_reg_ratio"] for entry in logs]
+    assert len(reg) == 4
+    assert reg[0] == 0.0  # continuing the general adapter: θ = θ^ν at the first step
+    assert reg[-1] > 0 and ratio[-1] > 0
+    assert _distance(run.adapter(), runs.get("D_plain").adapter()) > 0
+
+
+def test_phi_has_the_same_effect_for_any_accumulation_split(runs):
+    alora, split, plain = runs.get("D_alora").adapter(), runs.get("D_ga").adapter(), runs.get("D_plain").adapter()
+    effect = _distance(alora, plain)
+    assert effect > 1e-3, "the penalty must move the adapter for this test to mean anything"
+    assert _distance(alora, split) < 0.02 * effect
+
+
+def test_importance_is_per_optimizer_step_not_per_micro_batch(runs):
+    whole, split = _omegas(runs.get("G_rec").importance()), _omegas(runs.get("G_ga").importance())
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-3, atol=1e-3 * float(whole[k].abs().max()))
+
+
+def test_resumed_general_stage_gives_the_uninterrupted_file(runs):
+    assert (runs.out("G_stop") / "checkpoint-2" / "alora_state.safetensors").is_file()
+    resumed, whole = runs.get("G_resume"), runs.get("G_rec")
+    a, b = resumed.importance(), whole.importance()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7 * float(b[k].abs().max()) + 1e-12)
+    assert resumed.metadata()["steps"] == 4
+
+
+def test_continual_stage_accumulates_importance(runs):
+    general, chain, alone = runs.get("G_rec").importance(), runs.get("D_chain").importance(), runs.get("D_rec").importance()
+    for k in _omegas(general):
+        torch.testing.assert_close(chain[k], general[k] + alone[k], rtol=1e-5, atol=1e-9)
+    # the new reference is the chain stage's end adapter
+    assert runs.get("D_chain").metadata()["stages"] == 2
+    d2 = runs.get("D2")
+    assert d2.logs[0]["alora_reg_loss"] == 0.0 and d2.logs[-1]["alora_reg_loss"] > 0
+
+
+def test_rslora_scaling_is_recorded(runs):
+    meta = runs.get("G_rs").metadata()
+    cfg = json.loads((runs.out("G_rs") / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True
+    for module in meta["modules"].values():
+        assert module["use_rslora"] is True
+        assert module["scaling"] == pytest.approx(module["alpha"] / math.sqrt(module["r"]))
+
+
+def test_garbage_importance_file_fails_before_training(runs):
+    run = runs.get("garbage")
+    assert run.returncode != 0
+    assert "garbage.safetensors" in run.log and "not a readable safetensors file" in run.log
+    assert not run.logs, "no training step may run"
+    assert not (run.out / "adapter_model.safetensors").exists()
+
+
+def test_two_processes_write_the_single_process_file(runs):
+    ddp, single = runs.get("G_ddp"), runs.get("G_rec")
+    a, b = _omegas(ddp.importance()), _omegas(single.importance())
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3 * float(b[k].abs().max()))
+    assert not list(ddp.out.glob(f".{FILE}.*")), "no temp files left behind"
+    domain = runs.get("D_ddp")
+    assert domain.logs and domain.logs[-1]["alora_reg_loss"] > 0

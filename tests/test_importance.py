@@ -1,0 +1,105 @@
+"""METHOD.md §1 (eqs. 13-15) against independent float64 computations on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from axolotl_alora.importance import (
+    OmegaTracker,
+    TrackedModule,
+    equivalent_gradient,
+    importance_from_omega,
+    weight_change,
+)
+
+D_OUT, D_IN, R = 6, 5, 3
+
+
+def _problem(seed=0, scaling=2.0):
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(D_OUT, D_IN, generator=g)
+    A = torch.nn.Parameter(torch.randn(R, D_IN, generator=g) * 0.3)
+    B = torch.nn.Parameter(torch.randn(D_OUT, R, generator=g) * 0.3)
+    x = torch.randn(16, D_IN, generator=g)
+    y = torch.randn(16, D_OUT, generator=g)
+
+    def loss():
+        return ((x @ (W0 + scaling * B @ A).T - y) ** 2).mean()
+
+    return A, B, loss
+
+
+def test_sgd_step_moves_theta_by_minus_lr_s_equivalent_gradient():
+    """Eq. 13's defining property: under plain SGD, Δθ = −η·s·g̃ exactly."""
+    s, lr = 2.0, 0.05
+    A, B, loss = _problem(scaling=s)
+    loss().backward()
+    A0, B0, gA, gB = A.detach().clone(), B.detach().clone(), A.grad.clone(), B.grad.clone()
+    torch.optim.SGD([A, B], lr=lr).step()
+    d_theta = s * (B.detach().double() @ A.detach().double() - B0.double() @ A0.double())
+    torch.testing.assert_close(d_theta, -lr * s * equivalent_gradient(gA, gB, A0, B0, lr).double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight_change(A0, B0, A.detach(), B.detach(), s).double(), d_theta, rtol=1e-5, atol=1e-7)
+
+
+def test_omega_over_adamw_steps_with_scheduler_and_weight_decay():
+    s = 1.5
+    A, B, loss = _problem(seed=1, scaling=s)
+    opt = torch.optim.AdamW([A, B], lr=0.05, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: [0.2, 1.0, 0.7, 0.4, 0.1, 0.05, 0.0][t])
+    tracker = OmegaTracker([TrackedModule("m", A, B, s)])
+    expected = torch.zeros(D_OUT, D_IN, dtype=torch.float64)
+    lrs_seen = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss().backward()
+        lr = opt.param_groups[0]["lr"]
+        lrs_seen.append(lr)
+        A_t, B_t = A.detach().double().clone(), B.detach().double().clone()
+        gA, gB = A.grad.double().clone(), B.grad.double().clone()
+        tracker.before_step({"m": lr})
+        opt.step()
+        tracker.after_step()
+        sched.step()
+        # independent: the three terms of eq. 13, and Δθ from the two products
+        g_tilde = gB @ A_t + B_t @ gA - lr * (gB @ gA)
+        d_theta = s * (B.detach().double() @ A.detach().double() - B_t @ A_t)
+        expected -= g_tilde * d_theta
+    assert len(set(lrs_seen)) > 3, "the scheduler must make η_t vary"
+    assert tracker.steps == 6
+    torch.testing.assert_close(tracker.modules[0].omega.double(), expected, rtol=1e-4, atol=1e-9)
+    assert expected.abs().max() > 1e-4
+
+
+def test_importance_from_omega_clamps_and_counts():
+    omega = torch.tensor([[0.5, -0.2], [0.0, 2.0]])
+    delta = torch.tensor([[1.0, 0.3], [0.1, -2.0]])
+    xi = 0.1
+    importance, clamped = importance_from_omega(omega.clone(), delta, xi)
+    expected = [[0.5 / (1.0 + xi), 0.0], [0.0, 2.0 / (4.0 + xi)]]
+    torch.testing.assert_close(importance, torch.tensor(expected))
+    assert clamped == 1
+
+
+def test_tracker_refuses_missing_gradient():
+    A = torch.nn.Parameter(torch.ones(R, D_IN))
+    B = torch.nn.Parameter(torch.ones(D_OUT, R))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        OmegaTracker([TrackedModule("m", A, B, 1.0)]).before_step({"m": 0.1})
+
+
+def test_bf16_parameters_are_tracked_in_fp32():
+    s = 1.0
+    A, B, loss = _problem(seed=2, scaling=s)
+    loss().backward()
+    A16 = torch.nn.Parameter(A.detach().bfloat16())
+    B16 = torch.nn.Parameter(B.detach().bfloat16())
+    A16.grad, B16.grad = A.grad.bfloat16(), B.grad.bfloat16()
+    tracker = OmegaTracker([TrackedModule("m", A16, B16, s)])
+    tracker.before_step({"m": 0.01})
+    with torch.no_grad():
+        A16 -= 0.01 * A16.grad
+        B16 -= 0.01 * B16.grad
+    tracker.after_step()
+    assert tracker.modules[0].omega.dtype == torch.float32
+    assert math.isfinite(float(tracker.modules[0].omega.sum())) and float(tracker.modules[0].omega.abs().sum()) > 0
