@@ -62,6 +62,12 @@ def check_alora_settings(cfg, given: dict) -> None:
     """Raise ValueError naming the key to change for every inconsistent combination."""
     record = bool(given.get("alora_record_importance"))
     path = given.get("alora_importance_path")
+    phi = given.get("alora_phi")
+    if phi is not None:
+        if not path:
+            raise ValueError("alora_phi is set but alora_importance_path is not: the regularizer needs the importance file from a general stage.")
+        if float(phi) < 0:
+            raise ValueError(f"alora_phi must be >= 0, got {phi}.")
     if not record and not path:
         raise ValueError(
             f"ALoRA keys {sorted(given)} are set but the plugin has nothing to do: set "
@@ -75,12 +81,6 @@ def check_alora_settings(cfg, given: dict) -> None:
         )
     if cfg.get("peft_use_dora"):
         raise ValueError("ALoRA does not support DoRA (θ = W0 + s·B·A no longer holds): set peft_use_dora: false.")
-    phi = given.get("alora_phi")
-    if phi is not None:
-        if not path:
-            raise ValueError("alora_phi is set but alora_importance_path is not: the regularizer needs the importance file from a general stage.")
-        if float(phi) < 0:
-            raise ValueError(f"alora_phi must be >= 0, got {phi}.")
     tau = given.get("alora_softmax_temperature")
     if tau is not None and tau != "auto" and not float(tau) > 0:
         raise ValueError(f"alora_softmax_temperature must be > 0 or 'auto', got {tau}.")

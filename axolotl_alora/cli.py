@@ -1,8 +1,8 @@
 """The `alora` console script.
 
 Each subcommand lives in the module that owns its concept; that module exposes
-`add_arguments(parser)` and `run(args) -> int`. Imports are lazy so `alora --help`
-stays fast and one subcommand's heavy imports never slow another.
+`add_arguments(parser)` and `run(args) -> int`, and imports torch, Axolotl or lm-eval
+only inside `run`, so building the parser stays fast.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("axolotl_alora.inspect", "show an importance file: metadata, per-module norms, layer weights, heatmap"),
+    "check": ("axolotl_alora.check", "check an Axolotl YAML's ALoRA settings (and that the plugin is listed) without training"),
     "prepare-model": ("axolotl_alora.model_prep", "turn the packaged SmolLM2 GGUF into a Hugging Face model directory"),
     "prepare-data": ("axolotl_alora.data", "write Axolotl-ready JSONL from ../shared/data"),
     "eval": ("axolotl_alora.evaluation.runner", "run lm-eval on a base model and adapters, write a Table-1 markdown"),

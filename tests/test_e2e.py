@@ -173,7 +173,10 @@ def test_recording_importance_does_not_change_the_adapter(runs):
 
 
 def test_phi_zero_and_recording_give_the_plain_lora_adapter(runs):
-    assert _same(runs.get("D_chain").adapter(), runs.get("D_plain").adapter())
+    chain = runs.get("D_chain")
+    assert _same(chain.adapter(), runs.get("D_plain").adapter())
+    assert "the regularizer had no effect; raise alora_phi" in chain.log
+    assert "the regularizer had no effect" not in runs.get("D_alora").log
 
 
 def test_domain_stage_logs_reg_loss_zero_first_then_positive(runs):

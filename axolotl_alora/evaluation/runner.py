@@ -62,7 +62,7 @@ def evaluate(
     adapters: dict[str, str | Path | None],
     tasks: list[str],
     out_dir: str | Path,
-    limit: int | None = None,
+    limit: int | dict[str, int | None] | None = None,
     device: str = "cpu",
     batch_size: int = 8,
 ) -> dict:
@@ -79,12 +79,34 @@ def evaluate(
         log.info(
             "run %d/%d %r: base=%s adapter=%s tasks=%s limit=%s", i, len(adapters), name, base, adapter, tasks, limit
         )
-        results[name] = evaluate_run(base, adapter, tasks, manager, limit, device, batch_size)
+        results[name] = _merge(
+            [evaluate_run(base, adapter, group, manager, n, device, batch_size) for n, group in _limit_groups(tasks, limit)]
+        )
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(results[name], indent=2) + "\n")
         log.info("run %r done: %s", name, path)
     write_table(results, out_dir / "table.md")
     return results
+
+
+def _limit_groups(tasks: list[str], limit) -> list[tuple[int | None, list[str]]]:
+    """One (limit, tasks) group per distinct limit; `limit` is one int for all tasks or a task -> int dict."""
+    if not isinstance(limit, dict):
+        return [(limit, list(tasks))]
+    groups: dict[int | None, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(limit.get(task), []).append(task)
+    return list(groups.items())
+
+
+def _merge(parts: list[dict]) -> dict:
+    """lm-eval results dicts of disjoint task sets, merged into one."""
+    merged = parts[0]
+    for part in parts[1:]:
+        for key in ("results", "n-samples", "configs", "versions", "higher_is_better", "group_subtasks"):
+            if isinstance(part.get(key), dict):
+                merged.setdefault(key, {}).update(part[key])
+    return merged
 
 
 def _adapter(value: str) -> tuple[str, str]:

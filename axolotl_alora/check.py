@@ -1,0 +1,51 @@
+"""`alora check CONFIG`: the plugin's checks on an Axolotl YAML without training.
+
+Axolotl 0.19 drops unknown keys silently, so a config with alora_ keys but without the plugin in
+`plugins:` trains plain LoRA with no warning; no plugin hook can see that case. This command can.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+PLUGIN = "axolotl_alora.AloraPlugin"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="an Axolotl YAML config")
+
+
+def check_config(cfg: dict) -> list[str]:
+    """Human-readable problems with `cfg`'s ALoRA settings; empty when it is fine (or uses no alora_ key)."""
+    from .args import check_alora_settings
+    from .importance_file import ImportanceFileError, read_importance_file
+
+    given = {k: v for k, v in cfg.items() if k.startswith("alora_") and v is not None}
+    if not given:
+        return []
+    problems = []
+    if PLUGIN not in (cfg.get("plugins") or []):
+        problems.append(f"alora_ keys {sorted(given)} are set but `plugins:` does not list {PLUGIN}: Axolotl would drop them silently and train plain LoRA. Add it under `plugins:`.")
+    try:
+        check_alora_settings(cfg, given)
+    except ValueError as e:
+        problems.append(str(e))
+    if given.get("alora_importance_path"):
+        try:
+            read_importance_file(given["alora_importance_path"])
+        except ImportanceFileError as e:
+            problems.append(str(e))
+    return problems
+
+
+def run(args) -> int:
+    import yaml
+
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f) or {}
+    problems = check_config(cfg)
+    for p in problems:
+        print(f"error: {p}")
+    if not problems:
+        print(f"{args.config}: ALoRA settings OK" if any(k.startswith("alora_") for k in cfg) else f"{args.config}: no alora_ keys (plain Axolotl run)")
+    return 1 if problems else 0

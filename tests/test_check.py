@@ -1,0 +1,30 @@
+"""`alora check`: catches what Axolotl 0.19 cannot report (alora_ keys without the plugin) before any training."""
+
+import yaml
+
+from axolotl_alora.cli import main
+
+
+def _write(tmp_path, **cfg):
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump({"adapter": "lora", "output_dir": str(tmp_path / "out"), **cfg}))
+    return str(path)
+
+
+def test_keys_without_the_plugin(tmp_path, capsys):
+    assert main(["check", _write(tmp_path, alora_record_importance=True)]) == 1
+    assert "does not list axolotl_alora.AloraPlugin" in capsys.readouterr().out
+
+
+def test_missing_importance_file_and_bad_phi(tmp_path, capsys):
+    cfg = _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_importance_path=str(tmp_path / "none.safetensors"), alora_phi=-1)
+    assert main(["check", cfg]) == 1
+    out = capsys.readouterr().out
+    assert "alora_phi must be >= 0" in out and "none.safetensors does not exist" in out
+
+
+def test_good_and_plain_configs(tmp_path, capsys):
+    assert main(["check", _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_record_importance=True)]) == 0
+    assert "ALoRA settings OK" in capsys.readouterr().out
+    assert main(["check", _write(tmp_path)]) == 0
+    assert "plain Axolotl run" in capsys.readouterr().out

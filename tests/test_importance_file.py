@@ -1,0 +1,133 @@
+"""METHOD.md §5: the importance file — round trip, storage dtype, atomic writes, and clear errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from axolotl_alora import importance_file as f
+from axolotl_alora.importance_file import ImportanceFile, ImportanceFileError, read_importance_file, read_metadata, write_importance_file
+
+
+def _data(nan=False, negative=False):
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    omega = {n: torch.rand(6, 5, generator=g) for n in names}
+    if nan:
+        omega[names[1]][2, 3] = float("nan")
+    if negative:
+        omega[names[0]][0, 0] = -1.0
+    modules = {n: {"shape": [6, 5], "r": 2, "alpha": 4, "scaling": 2.0, "use_rslora": False, "norm": 1.0} for n in names}
+    return ImportanceFile(
+        omega=omega,
+        lora_A={n: torch.randn(2, 5, generator=g) for n in names},
+        lora_B={n: torch.randn(6, 2, generator=g) for n in names},
+        metadata={"source": "si", "modules": modules, "steps": 3},
+        fingerprint=torch.randn(16, generator=g),
+    )
+
+
+def test_round_trip(tmp_path):
+    data = _data()
+    path = write_importance_file(tmp_path / "imp.safetensors", data)
+    back = read_importance_file(path)
+    for n in data.omega:
+        assert torch.equal(back.omega[n], data.omega[n])
+        assert torch.equal(back.lora_A[n], data.lora_A[n]) and torch.equal(back.lora_B[n], data.lora_B[n])
+    assert torch.equal(back.fingerprint, data.fingerprint)
+    assert back.metadata["steps"] == 3 and back.metadata["omega_dtype"] == "float32"
+
+
+def test_bfloat16_storage_halves_omega_and_reads_back_fp32(tmp_path):
+    from safetensors import safe_open
+
+    data = _data()
+    path = write_importance_file(tmp_path / "imp.safetensors", data, omega_dtype="bfloat16")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_tensor("model.layers.0.self_attn.q_proj.omega").dtype == torch.bfloat16
+        assert handle.get_tensor("model.layers.0.self_attn.q_proj.lora_A").dtype == torch.float32
+    back = read_importance_file(path)
+    name = "model.layers.0.self_attn.q_proj"
+    assert back.omega[name].dtype == torch.float32
+    torch.testing.assert_close(back.omega[name], data.omega[name], rtol=1e-2, atol=1e-3)
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = write_importance_file(tmp_path / "imp.safetensors", _data())
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_importance_file(path, _data())
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["imp.safetensors"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImportanceFileError, match="nope.safetensors does not exist.*alora_record_importance"):
+        read_importance_file(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x00" * 64 + b"not a tensor file")
+    with pytest.raises(ImportanceFileError, match="garbage.safetensors is not a readable safetensors file"):
+        read_importance_file(path)
+
+
+def test_pickle_is_refused(tmp_path):
+    path = tmp_path / "importance.pt"
+    torch.save({"omega": torch.ones(2)}, path)
+    with pytest.raises(ImportanceFileError, match="not a readable safetensors file"):
+        read_importance_file(path)
+
+
+def test_truncated(tmp_path):
+    path = write_importance_file(tmp_path / "imp.safetensors", _data())
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ImportanceFileError, match="imp.safetensors"):
+        read_importance_file(path)
+
+
+def test_safetensors_that_is_not_an_importance_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(ImportanceFileError, match="not an ALoRA importance file"):
+        read_metadata(path)
+
+
+def test_nan_in_omega_names_the_module(tmp_path):
+    path = write_importance_file(tmp_path / "imp.safetensors", _data(nan=True))
+    with pytest.raises(ImportanceFileError, match="v_proj.omega has 1 NaN/Inf"):
+        read_importance_file(path)
+
+
+def test_negative_omega(tmp_path):
+    path = write_importance_file(tmp_path / "imp.safetensors", _data(negative=True))
+    with pytest.raises(ImportanceFileError, match="negative"):
+        read_importance_file(path)
+
+
+def test_metadata_listing_a_module_without_tensors(tmp_path):
+    data = _data()
+    data.metadata["modules"]["model.layers.9.mlp.up_proj"] = data.metadata["modules"]["model.layers.0.self_attn.q_proj"]
+    path = write_importance_file(tmp_path / "imp.safetensors", data)
+    with pytest.raises(ImportanceFileError, match="tensors missing.*layers.9"):
+        read_importance_file(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "future.safetensors"
+    save_file({"x": torch.ones(1)}, str(path), metadata={"format": f.FORMAT, "format_version": "99", "alora": json.dumps({})})
+    with pytest.raises(ImportanceFileError, match="format_version 99"):
+        read_metadata(path)
