@@ -79,6 +79,11 @@ def check_alora_settings(cfg, given: dict) -> None:
             f"ALoRA needs a LoRA adapter: set `adapter: lora` (got adapter: {adapter!r}; without an adapter Axolotl "
             "runs a full fine-tune, and ALoRA's importance lives in the LoRA effective-weight space)."
         )
+    if cfg.get("fsdp") or cfg.get("fsdp_config") or cfg.get("deepspeed"):
+        raise ValueError(
+            "ALoRA needs whole LoRA factors and gradients on every process; FSDP and DeepSpeed shard them. "
+            "Use plain data parallel (accelerate launch / torchrun without fsdp or deepspeed keys)."
+        )
     if cfg.get("peft_use_dora"):
         raise ValueError("ALoRA does not support DoRA (θ = W0 + s·B·A no longer holds): set peft_use_dora: false.")
     tau = given.get("alora_softmax_temperature")

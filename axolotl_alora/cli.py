@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "inspect": ("axolotl_alora.inspect", "show an importance file: metadata, per-module norms, layer weights, heatmap"),
     "check": ("axolotl_alora.check", "check an Axolotl YAML's ALoRA settings (and that the plugin is listed) without training"),
+    "fisher": ("axolotl_alora.fisher", "EWC baseline: write an importance file from the diagonal empirical Fisher of the base model"),
     "prepare-model": ("axolotl_alora.model_prep", "turn the packaged SmolLM2 GGUF into a Hugging Face model directory"),
     "prepare-data": ("axolotl_alora.data", "write Axolotl-ready JSONL from ../shared/data"),
     "eval": ("axolotl_alora.evaluation.runner", "run lm-eval on a base model and adapters, write a Table-1 markdown"),
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (FileNotFoundError, ValueError) as e:  # ImportanceFileError is a ValueError: say what is wrong, no traceback
+        print(f"alora {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _click_inspect():

@@ -19,9 +19,14 @@ def equivalent_gradient(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, lr
 
 def weight_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor, scaling: float) -> Tensor:
     """Δθ_t = s·(B_{t+1}A_{t+1} − B_tA_t), in the difference form that avoids cancellation."""
+    return scaling * _product_change(A_before, B_before, A_after, B_after)
+
+
+def _product_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor) -> Tensor:
+    """B_{t+1}A_{t+1} − B_tA_t = (B_{t+1} − B_t)·A_{t+1} + B_t·(A_{t+1} − A_t), as one rank-2r product."""
     left = torch.cat([B_after - B_before, B_before], dim=1)
     right = torch.cat([A_after, A_after - A_before], dim=0)
-    return scaling * (left @ right)
+    return left @ right
 
 
 def adapter_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -90,5 +95,6 @@ class OmegaTracker:
         for m in self.modules:
             A1, B1 = m.A.float(), m.B.float()
             g_tilde = equivalent_gradient(m.grad_A, m.grad_B, m.A_t, m.B_t, m.lr)
-            m.omega.addcmul_(g_tilde, weight_change(m.A_t, m.B_t, A1, B1, m.scaling), value=-1.0)
+            # ω ← ω − g̃ ⊙ Δθ with Δθ = s·(product change): s goes into the coefficient, not a pass of its own
+            m.omega.addcmul_(g_tilde, _product_change(m.A_t, m.B_t, A1, B1), value=-m.scaling)
         self.steps += 1

@@ -5,9 +5,9 @@ Pure tensor code. For module l with reference adapter (A^ν, B^ν) and importanc
     L_reg,l = Σ_i Ω_i (θ_i − θ^ν_i)²,   θ − θ^ν = s·(B·A − B^ν·A^ν)
     L_reg   = Σ_l c_l · L_reg,l,         c_l = w_l / normalizer
 
-The value and its gradients w.r.t. A and B are computed together in one pass over Ω
-(dL/dD = 2Ω⊙D, dL/dB = s·(2Ω⊙D)·Aᵀ, dL/dA = s·Bᵀ·(2Ω⊙D)), so autograd never stores a
-d_out×d_in tensor, and the result is reused by every micro-batch of one optimizer step.
+The value and its gradients w.r.t. A and B are computed together in one pass over Ω (see
+`quadratic_penalty`), so autograd never stores a d_out×d_in tensor, and the result is reused by
+every micro-batch of one optimizer step.
 """
 
 from __future__ import annotations
@@ -42,14 +42,26 @@ def effective_layers(weights: Tensor) -> float:
 
 
 def quadratic_penalty(A: Tensor, B: Tensor, omega: Tensor, A_ref: Tensor, B_ref: Tensor, scaling: float):
-    """(L_reg,l, dL/dA, dL/dB) for one module, in fp32, with D = s·(B·A − B^ν·A^ν) (eq. 16)."""
+    """(L_reg,l, dL/dA, dL/dB) for one module, in fp32 (eq. 16).
+
+    With U = [B − B^ν, B^ν] and V = [A; A − A^ν], θ − θ^ν = s·U·V (exactly 0 at the reference) and
+    G = Ω⊙(U·V) is the only d_out×d_in tensor: L = s²·Σ (UᵀG)⊙V, dL/dA = 2s²·BᵀG = 2s²·(the two r-row
+    blocks of UᵀG added), dL/dB = 2s²·G·Aᵀ. One pass writes G, two small products read it.
+    """
     A, B = A.float(), B.float()
-    # difference form, one rank-2r product: exactly 0 at the reference, no cancellation near it
-    D = scaling * (torch.cat([B - B_ref, B_ref], dim=1) @ torch.cat([A, A - A_ref], dim=0))
-    omega_D = omega * D
-    value = torch.dot(omega_D.view(-1), D.view(-1))  # Σ Ω⊙D²
-    omega_D.mul_(2.0 * scaling)  # dL/dD = 2Ω⊙D; s from dD/d(BA)
-    return value, B.T @ omega_D, omega_D @ A.T
+    r = A.shape[0]
+    same_rank = A_ref.shape[0] == r
+    if same_rank:
+        U, V = torch.cat([B - B_ref, B_ref], dim=1), torch.cat([A, A - A_ref], dim=0)
+    else:  # a reference of another rank (another lora_r, or EWC's zero reference): U = [B, B^ν], V = [A; −A^ν]
+        U, V = torch.cat([B, B_ref], dim=1), torch.cat([A, -A_ref], dim=0)
+    G = (U @ V).mul_(omega)
+    UtG = U.T @ G
+    s2 = scaling * scaling
+    value = s2 * torch.dot(UtG.view(-1), V.reshape(-1))
+    grad_A = (2 * s2) * (UtG[:r] + UtG[r:] if same_rank else UtG[:r])
+    grad_B = (2 * s2) * (G @ A.T)
+    return value, grad_A, grad_B
 
 
 class _Precomputed(torch.autograd.Function):

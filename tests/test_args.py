@@ -39,6 +39,7 @@ def test_defaults_are_the_papers(tmp_path):
         ({"alora_importance_path": "x.safetensors", "adapter": None}, "full fine-tune"),
         ({"alora_xi": 0.5}, "nothing to do"),
         ({"alora_record_importance": True, "peft_use_dora": True}, "DoRA"),
+        ({"alora_record_importance": True, "deepspeed": "zero3.json"}, "FSDP and DeepSpeed"),
         ({"alora_importance_path": "x.safetensors", "alora_softmax_temperature": -2.0}, "temperature"),
         ({"alora_importance_path": "x.safetensors", "alora_layer_weighting": "bogus"}, "alora_layer_weighting"),
     ],

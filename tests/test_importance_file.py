@@ -39,6 +39,17 @@ def test_round_trip(tmp_path):
     assert back.metadata["steps"] == 3 and back.metadata["omega_dtype"] == "float32"
 
 
+def test_written_file_has_the_usual_permissions(tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = write_importance_file(tmp_path / "imp.safetensors", _data())
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_bfloat16_storage_halves_omega_and_reads_back_fp32(tmp_path):
     from safetensors import safe_open
 

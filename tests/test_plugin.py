@@ -81,9 +81,9 @@ def test_regularizer_gradient_matches_autograd_through_peft(tiny_model_dir):
         expected = expected + w * (data.omega[m.name].double() / mean * diff**2).sum()
     expected.backward()
     torch.testing.assert_close(value.detach().double(), expected.detach(), rtol=1e-5, atol=0)
-    for m in modules:
-        torch.testing.assert_close(ours[m.name][0].double(), m.A.grad.double(), rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(ours[m.name][1].double(), m.B.grad.double(), rtol=1e-4, atol=1e-8)
+    for m in modules:  # fp32 against fp64: tolerance relative to each gradient's scale
+        for got, want in zip(ours[m.name], (m.A.grad, m.B.grad)):
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_normalization_never_changes_layer_weights(tiny_model_dir):

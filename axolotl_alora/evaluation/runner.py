@@ -32,21 +32,23 @@ def task_manager():
     return TaskManager(include_path=str(TASKS_DIR))
 
 
-def model_args(base: str | Path, adapter: str | Path | None) -> dict:
+def model_args(base: str | Path, adapter: str | Path | None, max_length: int | None = None) -> dict:
     args = {"pretrained": str(base)}
     if adapter is not None:
         args["peft"] = str(adapter)
+    if max_length is not None:
+        args["max_length"] = max_length  # lm-eval's context/rolling-window length (default: the model's maximum)
     return args
 
 
-def evaluate_run(base, adapter, tasks, manager, limit=None, device="cpu", batch_size=8) -> dict:
+def evaluate_run(base, adapter, tasks, manager, limit=None, device="cpu", batch_size=8, max_length=None) -> dict:
     """lm-eval's results dict for one model (base + optional adapter), made JSON-serialisable."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args=model_args(base, adapter),
+        model_args=model_args(base, adapter, max_length),
         tasks=list(tasks),
         task_manager=manager,
         limit=limit,
@@ -65,6 +67,7 @@ def evaluate(
     limit: int | dict[str, int | None] | None = None,
     device: str = "cpu",
     batch_size: int = 8,
+    max_length: int | None = None,
 ) -> dict:
     """Evaluate one run per `adapters` entry (name -> adapter dir, or None for the base alone).
 
@@ -80,7 +83,7 @@ def evaluate(
             "run %d/%d %r: base=%s adapter=%s tasks=%s limit=%s", i, len(adapters), name, base, adapter, tasks, limit
         )
         results[name] = _merge(
-            [evaluate_run(base, adapter, group, manager, n, device, batch_size) for n, group in _limit_groups(tasks, limit)]
+            [evaluate_run(base, adapter, group, manager, n, device, batch_size, max_length) for n, group in _limit_groups(tasks, limit)]
         )
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(results[name], indent=2) + "\n")
@@ -132,6 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (any torch device string)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="lm-eval batch size (default 8)")
+    parser.add_argument(
+        "--max-length", type=int, metavar="N",
+        help="lm-eval's context length, i.e. the perplexity window (default: the model's maximum; SmolLM2's 8192 is slow on CPU)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for <run>.json, table.md, table.json")
 
 
@@ -143,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("duplicate run name %r; name adapters with NAME=DIR", name)
             return 2
         runs[name] = path
-    results = evaluate(args.base, runs, args.tasks, args.out, args.limit, args.device, args.batch_size)
+    results = evaluate(args.base, runs, args.tasks, args.out, args.limit, args.device, args.batch_size, args.max_length)
     out = Path(args.out)
     print((out / "table.md").read_text())
     print(f"lm-eval results: {', '.join(str(out / f'{name}.json') for name in results)}")

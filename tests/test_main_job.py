@@ -1,0 +1,31 @@
+"""The main job (README's first command) end to end on the tiny model: 1 step per stage, tiny eval limits."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.e2e
+def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
+    report = tmp_path / "report.md"
+    cmd = [sys.executable, str(REPO / "eval" / "main_job.py"), "--base-model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+           "--general-steps", "2", "--domain-steps", "2", "--limit", "2", "--ppl-limit", "1", "--results", str(report)]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "AXOLOTL_DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = tmp_path / "work"
+    assert (work / "runs" / "general" / "alora_importance.safetensors").is_file()
+    for run in ("domain-alora", "domain-lora"):
+        assert (work / "runs" / run / "adapter_model.safetensors").is_file()
+    assert "alora_reg_loss" in (work / "logs" / "domain-alora.log").read_text()
+    assert "alora_reg" not in (work / "logs" / "domain-lora.log").read_text()  # no alora_ key: the plugin is inert
+    text = report.read_text()
+    for row in ("| base |", "| general (ν) |", "| ALoRA (ν→μ) |", "| LoRA (ν+μ) |"):
+        assert row in text
+    assert "SciQ acc" in text and "WikiText-2 PPL" in text and "| total |" in text
+    assert "scale: general 2 steps" in proc.stdout
