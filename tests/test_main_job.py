@@ -22,8 +22,8 @@ def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
     assert (work / "runs" / "general" / "alora_importance.safetensors").is_file()
     for run in ("domain-alora", "domain-lora"):
         assert (work / "runs" / run / "adapter_model.safetensors").is_file()
-    assert "alora_reg_loss" in (work / "logs" / "domain-alora.log").read_text()
-    assert "alora_reg" not in (work / "logs" / "domain-lora.log").read_text()  # no alora_ key: the plugin is inert
+    assert "ALoRA: regularizing" in (work / "logs" / "domain-alora.log").read_text()
+    assert "ALoRA:" not in (work / "logs" / "domain-lora.log").read_text()  # no alora_ key: the plugin is inert
     text = report.read_text()
     for row in ("| base |", "| general (ν) |", "| ALoRA (ν→μ) |", "| LoRA (ν+μ) |"):
         assert row in text
