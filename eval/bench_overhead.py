@@ -9,7 +9,7 @@ Variants, interleaved in rotating order every repetition so machine noise hits a
 
 Ratios are to `plain`. Absolute times mean something only on a GPU; on a shared CPU read the ratios.
   python eval/bench_overhead.py                       # GPU: random Llama-3.2-3B shape, bf16, batch 8×512
-  python eval/bench_overhead.py --device cpu          # CPU: a 4-layer SmolLM2-shaped model, batch 2×128
+  python eval/bench_overhead.py --device cpu          # CPU: SmolLM2-135M shape, fp32, batch 2×128
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--out", help="also write the markdown report here")
     args = p.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
-    args.shape = args.shape or ("llama-3.2-3b" if on_gpu else "smollm2-4layer")
+    args.shape = args.shape or ("llama-3.2-3b" if on_gpu else "smollm2-135m")
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     args.batch = args.batch or (8 if on_gpu else 2)
     args.seq = args.seq or (512 if on_gpu else 128)
-    args.reps = args.reps or (20 if on_gpu else 6)
+    args.reps = args.reps or (20 if on_gpu else 8)
     return args
 
 
@@ -160,8 +160,9 @@ def main(argv=None) -> int:
                     peaks[variant] = max(peaks.get(variant, 0), torch.cuda.max_memory_allocated())
         print(f"rep {rep + 1}/{args.warmup + args.reps}" + (" (warm-up)" if rep < args.warmup else ""), file=sys.stderr, flush=True)
 
+    components = time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync)
     omega_gb = sum(o.numel() for o in omegas) * 4 / 2**30
-    lines = report(args, times, peaks, omega_gb, len(modules), argv)
+    lines = report(args, times, peaks, omega_gb, len(modules), argv, components)
     print("\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(args, times, peaks, omega_gb, n_modules, argv):
+def time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync, reps=15):
+    """Median time of each method's own per-step work alone (gradients are set once, no model step)."""
+    for m in modules:
+        m.A.grad, m.B.grad = torch.randn_like(m.A) * 1e-3, torch.randn_like(m.B) * 1e-3
+
+    def reg_ours():
+        regularizer._key = None  # force the once-per-update pass
+        (1e-3 * regularizer()).backward()
+
+    def reg_naive():
+        (1e-3 * naive_reg(modules, omegas, dense_refs)).backward()
+
+    work = {
+        "track": lambda: (tracker.before_step(lr), tracker.after_step()),
+        "track-naive": lambda: (naive.before_step(1e-4), naive.after_step()),
+        "reg": reg_ours,
+        "reg-naive": reg_naive,
+    }
+    result = {}
+    for name, fn in work.items():
+        fn()
+        samples = []
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples.append(time.perf_counter() - start)
+        result[name] = statistics.median(samples)
+    for m in modules:
+        m.A.grad = m.B.grad = None
+    return result
+
+
+def report(args, times, peaks, omega_gb, n_modules, argv, components):
     base = statistics.median(times["plain"])
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     cmd = "python eval/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -190,7 +225,12 @@ def report(args, times, peaks, omega_gb, n_modules, argv):
         if peaks:
             row += f" {peaks[v] / 2**30:.2f} GiB |"
         lines.append(row)
-    lines += ["", "Overhead = median step time of the variant / median plain step − 1, from the same run."]
+    lines += ["", "Overhead = median step time of the variant / median plain step − 1, from the same run.", "",
+              "The method's own per-step work timed alone (median of 15; less noisy than whole-step differences):", "",
+              "| work | ours | naive | ours / naive |", "|---|---:|---:|---:|"]
+    for what in ("track", "reg"):
+        ours, naive = components[what], components[f"{what}-naive"]
+        lines.append(f"| {what} | {100 * ours / base:.2f}% of a plain step | {100 * naive / base:.2f}% | {ours / naive:.2f} |")
     return lines
 
 
