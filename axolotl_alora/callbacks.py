@@ -85,7 +85,7 @@ class ImportanceRecorder(TrainerCallback):
         missing = [n for n, m in self.lora.items() if id(m.A) not in index or id(m.B) not in index]
         if missing:
             raise RuntimeError(f"ALoRA: LoRA factors of {missing[:3]} are not in the optimizer; are they frozen?")
-        if any(index[id(m.A)] != index[id(m.B)] and groups[index[id(m.A)]]["lr"] != groups[index[id(m.B)]]["lr"] for m in self.lora.values()):
+        if any(groups[index[id(m.A)]]["lr"] != groups[index[id(m.B)]]["lr"] for m in self.lora.values()):
             LOG.warning("ALoRA: A and B have different learning rates (LoRA+?); eq. 13's η term uses A's.")
         return {n: index[id(m.A)] for n, m in self.lora.items()}
 

@@ -109,9 +109,9 @@ def runs(tmp_path_factory):
         r.submit("G_plain", gen, plugins=None, **from_init, **saving)
         r.submit("G_ga", gen, **from_init, **record, micro_batch_size=1, gradient_accumulation_steps=4)
         r.submit("G_stop", gen, **from_init, **record, env={"ALORA_TEST_STOP_AT": "2"},
-                 plugins=["axolotl_alora.AloraPlugin", "axolotl_test_plugins.StopAtStepPlugin"])
+                 plugins=["axolotl_alora.AloraPlugin", "scaffold_plugins.StopAtStepPlugin"])
         r.submit("G_ddp", gen, **from_init, **record, micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV,
-                 plugins=["axolotl_test_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+                 plugins=["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
         r.submit("G_rs", gen, alora_record_importance=True, peft_use_rslora=True)
         garbage = r.root / "garbage.safetensors"
         garbage.write_bytes(b"this is not a safetensors file" * 10)
@@ -128,7 +128,7 @@ def runs(tmp_path_factory):
         r.submit("D_ga", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
                  micro_batch_size=1, gradient_accumulation_steps=4)
         r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
-                 micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["axolotl_test_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+                 micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
         # a second domain stage on the chain's accumulated file
         r.submit("D2", gen, after=["D_chain"], lora_model_dir=str(r.out("D_chain")),
                  alora_importance_path=str(r.out("D_chain") / FILE), alora_phi=PHI)
