@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from .importance import OmegaTracker, TrackedModule, adapter_delta, importance_from_omega
-from .importance_file import ImportanceFile, ImportanceFileError, write_importance_file
+from .importance_file import ImportanceFile, ImportanceFileError, module_metadata, write_importance_file
 from .lora import LoraModule
 from .regularizer import effective_layers, layer_weights
 
@@ -129,10 +129,7 @@ class ImportanceRecorder(TrainerCallback):
                 importance += self.previous.omega[m.name].to(importance.device)
             omega[m.name], refs_A[m.name], refs_B[m.name] = importance.cpu(), A_end.cpu(), B_end.cpu()
             clamped, total = clamped + n_clamped, total + importance.numel()
-            module_meta[m.name] = {
-                "shape": list(importance.shape), "r": lora.r, "alpha": lora.alpha, "scaling": lora.scaling,
-                "use_rslora": lora.use_rslora, "norm": float(torch.linalg.vector_norm(importance)),
-            }
+            module_meta[m.name] = module_metadata(importance, lora.r, lora.alpha, lora.scaling, lora.use_rslora)
         norms = torch.tensor([v["norm"] for v in module_meta.values()])
         previous_meta = self.previous.metadata if self.previous is not None else {}
         metadata = {

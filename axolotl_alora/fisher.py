@@ -24,7 +24,6 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 DEFAULT_OUT = "alora_fisher.safetensors"
@@ -136,7 +135,7 @@ def fisher_importance(fisher: dict, r: int, lora_alpha: float, use_rslora: bool,
     """An ImportanceFile with Ω = F and the zero reference adapter of rank `r` (θ^ν = W0)."""
     import torch
 
-    from .importance_file import ImportanceFile
+    from .importance_file import ImportanceFile, module_metadata
     from .regularizer import effective_layers, layer_weights
 
     scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -146,10 +145,7 @@ def fisher_importance(fisher: dict, r: int, lora_alpha: float, use_rslora: bool,
         omega[name] = f.detach().cpu()
         refs_A[name] = torch.zeros(r, d_in)
         refs_B[name] = torch.zeros(d_out, r)
-        module_meta[name] = {
-            "shape": [d_out, d_in], "r": r, "alpha": float(lora_alpha), "scaling": scaling,
-            "use_rslora": use_rslora, "norm": float(torch.linalg.vector_norm(omega[name].double())),
-        }
+        module_meta[name] = module_metadata(omega[name], r, lora_alpha, scaling, use_rslora)
     norms = torch.tensor([m["norm"] for m in module_meta.values()])
     meta = {
         **metadata,
@@ -241,8 +237,7 @@ def run(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import __version__
-    from .importance_file import write_importance_file
+    from .importance_file import base_metadata, write_importance_file
     from .lora import base_fingerprint
 
     _check_args(args)
@@ -267,14 +262,8 @@ def run(args) -> int:
     fisher = empirical_fisher(model, weights, sequences, progress=not args.no_progress)
     compute_s = time.time() - compute_started
 
-    config = model.config
     metadata = {
-        # the keys of plugin.base_metadata(), which needs an Axolotl cfg
-        "base_model": str(args.base),
-        "base_model_config": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")},
-        "lora_target_modules": list(args.target_modules),
-        "created_by": f"axolotl-alora {__version__}",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **base_metadata(args.base, model, args.target_modules),
         "fisher": {"data": str(args.data), "samples": len(sequences), "max_length": args.max_length, "seed": args.seed,
                    "log_likelihood": "sum over tokens"},
     }

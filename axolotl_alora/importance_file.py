@@ -42,6 +42,31 @@ class ImportanceFile:
         return list(self.omega)
 
 
+def base_metadata(base_model: str, model, target_modules) -> dict:
+    """Metadata identifying the base model and the writer, shared by every producer of importance files."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    config = getattr(model, "config", None)
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {
+        "base_model": str(base_model),
+        "base_model_config": {k: getattr(config, k, None) for k in fields},
+        "lora_target_modules": list(target_modules or []),
+        "created_by": f"axolotl-alora {__version__}",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def module_metadata(omega: Tensor, r: int, alpha: float, scaling: float, use_rslora: bool) -> dict:
+    """One entry of metadata["modules"]: the LoRA shape the reference adapter belongs to, and n_l = ‖Ω_l‖_F."""
+    return {
+        "shape": list(omega.shape), "r": int(r), "alpha": float(alpha), "scaling": float(scaling),
+        "use_rslora": bool(use_rslora), "norm": float(torch.linalg.vector_norm(omega.double())),
+    }
+
+
 def write_importance_file(path: str | os.PathLike, data: ImportanceFile, omega_dtype: str = "float32") -> Path:
     """Write `data` to `path` atomically: a temp file in the same directory, fsync, then rename."""
     from safetensors.torch import save_file

@@ -18,7 +18,7 @@ def run(args) -> int:
     import torch
 
     from .importance_file import read_importance_file
-    from .regularizer import effective_layers, layer_weights
+    from .regularizer import effective_layers, importance_norms, layer_weights
 
     data = read_importance_file(args.file)
     meta = data.metadata
@@ -27,7 +27,7 @@ def run(args) -> int:
         if key in meta:
             print(f"  {key:<17}{meta[key]}")
     names = data.module_names
-    norms = torch.stack([torch.linalg.vector_norm(data.omega[n].double()) for n in names])
+    norms = importance_norms([data.omega[n] for n in names])
     weights = {label: layer_weights(norms, mode, tau) for label, mode, tau in WEIGHTINGS}
     print(f"\n{'module':<44}{'shape':>12}{'‖Ω‖_F':>12}{'mean Ω':>11}" + "".join(f"{label:>16}" for label, _, _ in WEIGHTINGS))
     for i, name in enumerate(names):

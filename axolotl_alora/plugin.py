@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
 from .args import IMPORTANCE_FILENAME
-from .importance_file import ImportanceFile, ImportanceFileError, read_importance_file
+from .importance_file import ImportanceFile, ImportanceFileError, base_metadata, read_importance_file
 from .lora import LoraModule, adapted_modules, base_fingerprint, same_base_model
-from .regularizer import RegularizedModule, Regularizer, effective_layers, layer_weights
+from .regularizer import RegularizedModule, Regularizer, effective_layers, importance_norms, layer_weights
 
 LOG = logging.getLogger("axolotl.alora")
 
@@ -61,7 +60,7 @@ class AloraPlugin(BasePlugin):
                 output_path=Path(cfg.output_dir) / IMPORTANCE_FILENAME,
                 xi=float(cfg.alora_xi),
                 omega_dtype=cfg.alora_importance_dtype or "float32",
-                metadata=base_metadata(cfg, model),
+                metadata=base_metadata(cfg.base_model, model, cfg.lora_target_modules),
                 fingerprint=fingerprint,
                 previous=self.previous,
                 resume_from_checkpoint=cfg.resume_from_checkpoint,
@@ -131,7 +130,7 @@ def build_regularizer(data: ImportanceFile, modules: list[LoraModule], cfg) -> R
     import torch
 
     names = [m.name for m in modules]
-    norms = torch.stack([torch.linalg.vector_norm(data.omega[n].double()) for n in names])
+    norms = importance_norms([data.omega[n] for n in names])
     weights = layer_weights(norms, cfg.alora_layer_weighting, cfg.alora_softmax_temperature)
     normalizer = 1.0
     if cfg.alora_importance_normalization == "mean":
@@ -165,17 +164,3 @@ def build_regularizer(data: ImportanceFile, modules: list[LoraModule], cfg) -> R
             "small next to the temperature. Set alora_softmax_temperature: auto for a layer-wise effect.", n_eff, len(modules),
         )
     return Regularizer(regularized)
-
-
-def base_metadata(cfg, model) -> dict:
-    from . import __version__
-
-    config = getattr(model, "config", None)
-    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-    return {
-        "base_model": str(cfg.base_model),
-        "base_model_config": {k: getattr(config, k, None) for k in fields},
-        "lora_target_modules": list(cfg.lora_target_modules or []),
-        "created_by": f"axolotl-alora {__version__}",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

@@ -20,6 +20,11 @@ from torch import Tensor
 LAYER_WEIGHTINGS = ("softmax", "uniform", "none")
 
 
+def importance_norms(omegas: list[Tensor]) -> Tensor:
+    """n_l = ‖Ω_l‖_F for each module (eq. 17), in float64."""
+    return torch.stack([torch.linalg.vector_norm(omega.double()) for omega in omegas])
+
+
 def layer_weights(norms: Tensor, mode: str = "softmax", temperature: float | str = 1.0) -> Tensor:
     """w_l from n_l = ‖Ω_l‖_F (eq. 17): softmax(n/τ) over all adapted modules, 1/L, or 1."""
     norms = norms.double()

@@ -131,11 +131,9 @@ def test_command_writes_a_fisher_importance_file(tiny_model_dir, fisher_run):
         assert m["norm"] == pytest.approx(float(data.omega[n].double().norm()))
     torch.testing.assert_close(data.fingerprint, base_fingerprint(model))
 
-    from types import SimpleNamespace
+    from axolotl_alora.importance_file import base_metadata
 
-    from axolotl_alora.plugin import base_metadata
-
-    assert set(base_metadata(SimpleNamespace(base_model="x", lora_target_modules=[]), model)) <= set(meta)
+    assert set(base_metadata("x", model, [])) <= set(meta)
 
     # Ω is the Fisher of exactly these texts, as tokenized by the command
     expected = _reference_fisher(tiny_model_dir, _sequences(tiny_model_dir, TEXTS))
