@@ -30,4 +30,5 @@ def _prepared(cfg, prepare_plugins):
 def test_examples_exist():
     names = {f"{p.parent.name}/{p.name}" for p in EXAMPLES}
     assert {"smollm2-cpu/general.yml", "smollm2-cpu/domain-alora.yml", "smollm2-cpu/domain-lora.yml",
-            "llama-3.2-3b/general.yml", "llama-3.2-3b/domain-alora.yml"} <= names
+            "smollm2-cpu/domain-lora-mu.yml", "smollm2-cpu/domain-rslora.yml", "smollm2-cpu/domain-ewc.yml",
+            "smollm2-cpu/domain-alora-nolayer.yml", "llama-3.2-3b/general.yml", "llama-3.2-3b/domain-alora.yml"} <= names

@@ -82,14 +82,19 @@ def evaluate(
         log.info(
             "run %d/%d %r: base=%s adapter=%s tasks=%s limit=%s", i, len(adapters), name, base, adapter, tasks, limit
         )
-        results[name] = _merge(
-            [evaluate_run(base, adapter, group, manager, n, device, batch_size, max_length) for n, group in _limit_groups(tasks, limit)]
-        )
+        results[name] = evaluate_model(base, adapter, tasks, manager, limit, device, batch_size, max_length)
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(results[name], indent=2) + "\n")
         log.info("run %r done: %s", name, path)
     write_table(results, out_dir / "table.md")
     return results
+
+
+def evaluate_model(base, adapter, tasks, manager, limit=None, device="cpu", batch_size=8, max_length=None) -> dict:
+    """One model's lm-eval results over `tasks`; `limit` is one int for all tasks or a task -> int dict."""
+    return _merge(
+        [evaluate_run(base, adapter, group, manager, n, device, batch_size, max_length) for n, group in _limit_groups(tasks, limit)]
+    )
 
 
 def _limit_groups(tasks: list[str], limit) -> list[tuple[int | None, list[str]]]:

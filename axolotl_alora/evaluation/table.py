@@ -18,6 +18,7 @@ LABELS = {
     "alora_wikitext2": "WikiText-2",
     "alora_general_ppl": "General held-out",
     "alora_sciq": "SciQ",
+    "alora_sciq_valid": "SciQ valid",
     "alora_piqa": "PIQA",
     "alora_medmcqa": "MedMCQA",
 }

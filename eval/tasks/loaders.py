@@ -28,6 +28,10 @@ def sciq_test(**_: object) -> datasets.DatasetDict:
     return _test_split(data.sciq_docs("test"))
 
 
+def sciq_valid(**_: object) -> datasets.DatasetDict:
+    return _test_split(data.sciq_docs("valid"))  # served as lm-eval's "test" split; only model selection reads it
+
+
 def piqa_test(**_: object) -> datasets.DatasetDict:
     return _test_split(data.piqa_docs("test"))
 

@@ -1,0 +1,169 @@
+"""Tables and plots of `eval/reproduce.py`, made from the lm-eval JSON in its results folder alone.
+
+table1.md (the paper's Table 1: methods × tasks, general PPL ↓ and accuracy ↑, mean ± std over seeds),
+table2.md (the ablations), sweep.md and fig6_phi_sweep.png (the paper's Figure 6: general PPL and accuracy
+against φ), all from `<results>/lm-eval/**.json`, whose `alora_reproduce` entry says which run each one is.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+PPL = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"))
+TASK_LABELS = {"sciq": "SciQ", "piqa": "PIQA", "medmcqa": "MedMCQA"}
+SWEEP_COLUMNS = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"),
+                 ("alora_sciq_valid", "SciQ valid acc ↑"), ("alora_sciq", "SciQ test acc ↑"))
+
+
+def load(results_dir: Path) -> list[dict]:
+    """Every evaluated run: its `alora_reproduce` description plus `metrics` {lm-eval task: value}."""
+    entries = []
+    for path in sorted((results_dir / "lm-eval").rglob("*.json")):
+        raw = json.loads(path.read_text())
+        entry = dict(raw.get("alora_reproduce") or {})
+        entry["metrics"] = {task: r.get("word_perplexity,none", r.get("acc,none")) for task, r in raw["results"].items()}
+        entry["path"] = path
+        entries.append(entry)
+    return entries
+
+
+def stats(values: list[float]) -> tuple[float, float | None, int]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def fmt(values: list[float], ppl: bool, seeds: int) -> str:
+    if not values:
+        return "–"
+    mean, std, n = stats(values)
+    digits = 2 if ppl else 1
+    scale = 1 if ppl else 100  # accuracy in percent, like the paper
+    text = f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+    return text + (f" (n={n})" if n < seeds else "")
+
+
+def grid_entries(entries: list[dict], method, task: str, chosen: dict | None, seeds: list[int]) -> list[dict]:
+    """The runs of one Table-1 cell: this method on this task, over the seeds, at the chosen φ / λ."""
+    out = []
+    for e in entries:
+        if e.get("method") != method.name or e.get("task") != task or e.get("seed") not in seeds:
+            continue
+        if method.tuned:
+            if chosen is None or e.get("normalization") != "mean" or e.get("phi") != chosen[method.tuned]:
+                continue
+        out.append(e)
+    return out
+
+
+def cells(entries: list[dict], method, task: str, chosen, seeds: list[int], base: dict | None) -> list[str]:
+    runs = [base] if method.example is None and base else grid_entries(entries, method, task, chosen, seeds)
+    n = 1 if method.example is None else len(seeds)
+    columns = [*(ppl for ppl, _ in PPL), f"alora_{task}"]
+    return [fmt([r["metrics"][c] for r in runs if r["metrics"].get(c) is not None], c.endswith("ppl") or "wikitext" in c, n)
+            for c in columns]
+
+
+def table(entries, rows, tasks, chosen, seeds, base) -> str:
+    head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
+    for method, label in rows:
+        row = [c for t in tasks for c in cells(entries, method, t, chosen, seeds, base)]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def scale_line(results_dir: Path) -> str:
+    scale = json.loads((results_dir / "scale.json").read_text())
+    return ", ".join(f"{k} {v}" for k, v in scale.items())
+
+
+def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds: list[int], tasks: list[str]) -> list[Path]:
+    entries = load(results_dir)
+    base = next((e for e in entries if e.get("method") == "base"), None)
+    by_name = {m.name: m for m in methods}
+    note = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (n=… where fewer seeds have finished); accuracy in %, "
+            f"lm-eval `acc` on the test split; PPL is lm-eval `word_perplexity` on WikiText-2 test and the general held-out "
+            f"slice after training on that column's task. Base is deterministic (one evaluation). ")
+    if chosen:
+        note += f"ALoRA φ = {chosen['phi']:g} and EWCLoRA λ = {chosen['lambda']:g} (normalization mean), chosen by the sweep (sweep.md). "
+    note += f"Scale: {scale_line(results_dir)}."
+    written = []
+    t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, base)
+    written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note + "\n"))
+    t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, base)
+    written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"))
+    sweep_rows = [e for e in entries if e.get("seed") == (chosen or {}).get("seed", seeds[0]) and e.get("task") == "sciq"]
+    if chosen and sweep_rows:
+        written.append(_write(results_dir / "sweep.md", sweep_markdown(sweep_rows, chosen, results_dir)))
+        written.append(plot_sweep(sweep_rows, chosen, results_dir / "fig6_phi_sweep.png"))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _sweep_key(e: dict) -> tuple:
+    order = {"lora_nu_mu": 0, "lora_mu": 1, "alora": 2, "ewclora": 3}
+    return order.get(e["method"], 9), e.get("normalization") or "", e.get("phi") or 0
+
+
+def sweep_markdown(rows: list[dict], chosen: dict, results_dir: Path) -> str:
+    mean_omega = chosen["mean_omega_seed0"]
+    lines = ["# φ sweep (Figure 6): ALoRA's φ and EWCLoRA's λ on SciQ, seed " + str(chosen["seed"]), "",
+             f"Rule, fixed before reading any test number: {chosen['rule']}.  ",
+             f"Chosen: ALoRA φ = {chosen['phi']:g} ({chosen['phi_reason']}); EWCLoRA λ = {chosen['lambda']:g} ({chosen['lambda_reason']}).  ",
+             f"Mean Ω of the seed-{chosen['seed']} general stage: {mean_omega:.3g}, so raw φ = φ_mean / {mean_omega:.3g} "
+             "(normalization `mean` divides Ω by its mean: the same penalty).", "",
+             "| run | normalization | φ / λ | φ on the mean scale | φ·L_reg/L_task (last log) | "
+             + " | ".join(label for _, label in SWEEP_COLUMNS) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(SWEEP_COLUMNS)]
+    for e in sorted((r for r in rows if r["method"] in ("lora_nu_mu", "lora_mu", "alora", "ewclora")), key=_sweep_key):
+        phi, norm = e.get("phi"), e.get("normalization")
+        on_mean = "–" if phi is None else f"{phi:g}" if norm == "mean" or e["method"] == "ewclora" else f"{phi * mean_omega:.3g}"
+        ratio = (e.get("last_train_log") or {}).get("alora_reg_ratio")
+        mark = " ✔" if (e["method"] == "alora" and phi == chosen["phi"] and norm == "mean") or (
+            e["method"] == "ewclora" and phi == chosen["lambda"]) else ""
+        vals = [fmt([e["metrics"][t]] if e["metrics"].get(t) is not None else [], "ppl" in t or "wikitext" in t, 1) for t, _ in SWEEP_COLUMNS]
+        lines.append(f"| {e['method']}{mark} | {norm or '–'} | {'–' if phi is None else f'{phi:g}'} | {on_mean} | "
+                     f"{'–' if ratio is None else f'{ratio:.3g}'} | " + " | ".join(vals) + " |")
+    lines += ["", "✔ = chosen for Table 1. Accuracy in %. " + f"Scale: {scale_line(results_dir)}.", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], chosen: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean_omega = chosen["mean_omega_seed0"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "general held-out PPL ↓"), ("alora_sciq", "SciQ test acc ↑"))
+    for ax, (task, title) in zip(axes, panels):
+        for method, label, marker in (("alora", "ALoRA (φ)", "o-"), ("ewclora", "EWCLoRA (λ)", "s--")):
+            pts = sorted((e["phi"], e["metrics"][task]) for e in rows if e["method"] == method and e.get("normalization") == "mean"
+                         and e["metrics"].get(task) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker, label=label)
+        raw = [(e["phi"] * mean_omega, e["metrics"][task]) for e in rows if e["method"] == "alora" and e.get("normalization") == "none"
+               and e["metrics"].get(task) is not None]
+        if raw:
+            ax.plot(*zip(*raw), "x", color="k", markersize=9, label="ALoRA raw Ω (at φ·mean Ω)")
+        for method, label, style in (("lora_nu_mu", "LoRA(ν+μ)", ":"), ("lora_mu", "LoRA(μ)", "-.")):
+            ref = [e["metrics"][task] for e in rows if e["method"] == method and e["metrics"].get(task) is not None]
+            if ref:
+                ax.axhline(ref[0], linestyle=style, color="gray", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("φ (λ) with normalization mean")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"φ sweep on SciQ, seed {chosen['seed']} (paper's φ = 1e-3 on raw Ω sits at {1e-3 * mean_omega:.1e} here)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

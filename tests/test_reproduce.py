@@ -1,0 +1,112 @@
+"""eval/reproduce.py: the selection rule, the scale guard, and the whole driver on the tiny model (2-step budget)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+
+import reproduce  # noqa: E402
+
+
+def _results(valid_acc, general_ppl):
+    return {"results": {"alora_sciq_valid": {"acc,none": valid_acc}, "alora_general_ppl": {"word_perplexity,none": general_ppl}}}
+
+
+def test_rule_takes_lowest_general_ppl_within_one_point_of_the_reference():
+    reference = _results(0.50, 40.0)
+    candidates = {0.1: _results(0.52, 30.0), 1.0: _results(0.495, 25.0), 10.0: _results(0.40, 20.0)}
+    value, why = reproduce.select(candidates, reference)
+    assert value == 1.0  # 10.0 has the lowest PPL but lost 10 points; 0.1 keeps accuracy but forgets more
+    assert "2 of 3" in why
+
+
+def test_rule_falls_back_to_the_weakest_penalty():
+    value, why = reproduce.select({3.0: _results(0.30, 20.0), 0.3: _results(0.35, 25.0)}, _results(0.50, 40.0))
+    assert value == 0.3 and "smallest" in why
+
+
+def test_results_of_another_scale_are_refused(tmp_path):
+    paths = reproduce.Paths(tmp_path / "work", tmp_path / "results", None)
+    args = reproduce.parse_args(["grid"])
+    reproduce.check_scale(paths, reproduce.scale_of(args))
+    reproduce.check_scale(paths, reproduce.scale_of(args))  # the same scale: fine
+    with pytest.raises(SystemExit, match="domain_steps: 30 there, 5 now"):
+        reproduce.check_scale(paths, reproduce.scale_of(reproduce.parse_args(["grid", "--domain-steps", "5"])))
+
+
+def test_grid_covers_every_method_task_and_seed_at_the_chosen_values():
+    args = reproduce.parse_args(["grid", "--seeds", "0", "1", "--tasks", "sciq", "piqa"])
+    runs = reproduce.grid_runs(args, {"phi": 0.3, "lambda": 3.0})
+    assert len(runs) == 1 + 2 * 2 * 6  # Base once, then 6 trained methods per (seed, task)
+    ids = {(r.seed, r.task, r.run_id) for r in runs[1:]}
+    assert (1, "piqa", "alora-mean-phi0.3") in ids and (0, "sciq", "ewclora-mean-phi3") in ids
+    assert (0, "sciq", "alora_nolayer-mean-phi0.3") in ids and (1, "sciq", "rslora") in ids
+
+
+SCALE = ["--general-steps", "2", "--domain-steps", "2", "--micro-batch-size", "2", "--sequence-len", "64", "--limit", "2",
+         "--ppl-limit", "1", "--max-length", "128", "--fisher-samples", "2", "--fisher-max-length", "32"]
+
+
+def _run(args, tmp_path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "AXOLOTL_DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "reproduce.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.e2e
+def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir, tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    common = ["--base-model", str(tiny_model_dir), "--work", str(work), "--results", str(results), "--seeds", "0",
+              "--tasks", "sciq", "--phis", "0.3", "--ewc-lambdas", "3", *SCALE]
+    _run(["all", *common], tmp_path)
+
+    chosen = json.loads((results / "chosen.json").read_text())
+    assert chosen["phi"] == 0.3 and chosen["lambda"] == 3.0 and chosen["rule"] == reproduce.RULE
+    for name in ("lora_mu", "lora_nu_mu", "rslora", "ewclora-mean-phi3", "alora-mean-phi0.3", "alora_nolayer-mean-phi0.3",
+                 "alora-none-phi0.001"):
+        raw = json.loads((results / "lm-eval" / "s0" / "sciq" / f"{name}.json").read_text())
+        assert {"alora_wikitext2", "alora_general_ppl", "alora_sciq", "alora_sciq_valid"} <= set(raw["results"])
+        assert raw["alora_reproduce"]["scale"]["domain_steps"] == 2
+    base = json.loads((results / "lm-eval" / "base.json").read_text())
+    assert {"alora_sciq", "alora_piqa", "alora_medmcqa", "alora_wikitext2"} <= set(base["results"])
+
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in (work / "configs" / "s0" / "sciq").glob("*.yml")}
+    assert len(configs) == 8  # 6 methods, and ALoRA on raw Ω at the paper's φ and at the mean-φ equivalent
+    assert {c["seed"] for c in configs.values()} == {0} and {c["max_steps"] for c in configs.values()} == {2}
+    assert {c["datasets"][0]["path"] for c in configs.values()} == {str(work / "data" / "sciq_train.jsonl")}
+    general = str(work / "runs" / "s0" / "general")
+    assert configs["lora_nu_mu"]["lora_model_dir"] == general and "lora_model_dir" not in configs["lora_mu"]
+    assert configs["rslora"]["use_rslora"] is True and "lora_model_dir" not in configs["rslora"]
+    ewc = configs["ewclora-mean-phi3"]
+    assert ewc["alora_importance_path"].endswith("fisher/alora_fisher.safetensors") and ewc["alora_layer_weighting"] == "none"
+    assert "lora_model_dir" not in ewc and ewc["alora_phi"] == 3.0
+    assert configs["alora_nolayer-mean-phi0.3"]["alora_layer_weighting"] == "uniform"
+    assert configs["alora-mean-phi0.3"]["alora_importance_normalization"] == "mean"
+    assert "ALoRA: regularizing" in (work / "logs" / "s0" / "sciq" / "alora-mean-phi0.3.log").read_text()
+    assert "ALoRA:" not in (work / "logs" / "s0" / "sciq" / "lora_mu.log").read_text()
+
+    table1 = (results / "table1.md").read_text()
+    for method in reproduce.METHODS:
+        row = next(line for line in table1.splitlines() if line.startswith(f"| {method.label} |"))
+        assert "–" not in row, row  # every cell has a number
+    assert "(n=1)" not in table1  # one seed asked, one seed done
+    assert "− layer, element (= LoRA(ν+μ))" in (results / "table2.md").read_text()
+    sweep = (results / "sweep.md").read_text()
+    assert "| alora ✔ | mean | 0.3 |" in sweep and "| ewclora ✔ | mean | 3 |" in sweep and "| alora | none | 0.001 |" in sweep
+    for png in ("fig6_phi_sweep.png", "fig7_heatmap.png"):
+        assert (results / png).read_bytes()[:4] == b"\x89PNG"
+    costs = json.loads((results / "costs.json").read_text())
+    assert costs["s0/general (SI)"]["file_mib"] > 0 and costs["s0/fisher (EWC)"]["max_rss_mib"] > 0
+
+    again = _run(["grid", *common], tmp_path)  # every output exists: nothing is trained or evaluated again
+    assert "axolotl.cli.train" not in again.stdout and "lm-eval " not in again.stdout
+    assert again.stdout.count("(done)") == 7
