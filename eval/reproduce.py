@@ -151,10 +151,16 @@ def write_json(path: Path, obj) -> None:
 
 
 def record_cost(paths: Paths, key: str, cost: dict) -> None:
+    """Add one entry to costs.json; locked, since two drivers may share a results folder (e.g. one per seed)."""
+    import fcntl
+
     costs_path = paths.results / "costs.json"
-    costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
-    costs[key] = cost
-    write_json(costs_path, costs)
+    costs_path.parent.mkdir(parents=True, exist_ok=True)
+    with (paths.results / ".costs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
+        costs[key] = cost
+        write_json(costs_path, costs)
 
 
 def axolotl_train(cfg: dict, name: str, paths: Paths, scale: Scale) -> dict:
@@ -328,18 +334,21 @@ def chosen_values(args, paths: Paths) -> dict:
     return {"phi": phi, "lambda": lam}
 
 
-def grid_runs(args, values: dict) -> list[Run]:
-    runs = [Run(BY_NAME["base"], "all", 0)]
+def grid_runs(args, values: dict | None) -> list[Run]:
+    methods = [m for m in METHODS if m.name in args.methods]
+    runs = [Run(BY_NAME["base"], "all", 0)] if "base" in args.methods else []
     for seed in args.seeds:
         for task in args.tasks:
-            for m in METHODS[1:]:
-                value = {"phi": values["phi"], "lambda": values["lambda"]}.get(m.tuned)
-                runs.append(Run(m, task, seed, value, "mean" if m.tuned else None))
+            for m in methods:
+                if m.example is not None:
+                    value = values[m.tuned] if m.tuned else None
+                    runs.append(Run(m, task, seed, value, "mean" if m.tuned else None))
     return runs
 
 
 def grid(args, paths: Paths, scale: Scale, manager) -> None:
-    values = chosen_values(args, paths)
+    tuned = any(BY_NAME[name].tuned for name in args.methods)
+    values = chosen_values(args, paths) if tuned else None
     runs = grid_runs(args, values)
     for i, run in enumerate(runs, 1):
         done = paths.lm_eval(run).is_file()
@@ -376,6 +385,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="shared data folder (default ../shared/data or $ALORA_DATA_DIR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the sweep uses the first)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--methods", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
+                   help="grid methods (default all; those without a penalty need no sweep first)")
     p.add_argument("--phis", type=float, nargs="+", default=[0.03, 0.3, 3.0, 30.0], help="ALoRA φ swept (normalization mean)")
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=[0.03, 0.3, 3.0, 30.0], help="EWCLoRA λ swept (normalization mean)")
     p.add_argument("--phi", type=float, help="ALoRA φ for the grid instead of the sweep's choice")

@@ -47,6 +47,8 @@ def test_grid_covers_every_method_task_and_seed_at_the_chosen_values():
     ids = {(r.seed, r.task, r.run_id) for r in runs[1:]}
     assert (1, "piqa", "alora-mean-phi0.3") in ids and (0, "sciq", "ewclora-mean-phi3") in ids
     assert (0, "sciq", "alora_nolayer-mean-phi0.3") in ids and (1, "sciq", "rslora") in ids
+    untuned = reproduce.grid_runs(reproduce.parse_args(["grid", "--seeds", "1", "--methods", "lora_mu", "rslora"]), None)
+    assert [(r.task, r.run_id) for r in untuned] == [(t, m) for t in reproduce.TASKS for m in ("lora_mu", "rslora")]
 
 
 SCALE = ["--general-steps", "2", "--domain-steps", "2", "--micro-batch-size", "2", "--sequence-len", "64", "--limit", "2",
