@@ -311,14 +311,14 @@ def sweep(args, paths: Paths, scale: Scale, manager) -> dict:
     omega_mean = mean_omega(paths.general(seed) / "alora_importance.safetensors")
     if not omega_mean > 0:
         raise SystemExit(f"the seed-{seed} general stage recorded no importance (mean Ω {omega_mean}); train it longer (--general-steps)")
-    raw = [PAPER_PHI, args.phis[len(args.phis) // 2] / omega_mean]  # the paper's φ, and one mean-φ point in raw units
+    raw = [PAPER_PHI]  # the paper's φ on raw Ω (`mean` at φ is raw at φ / mean Ω: the same penalty, so not re-run)
     for phi in raw:
-        ensure_run(Run(BY_NAME["alora"], SWEEP_TASK, seed, float(f"{phi:.4g}"), "none"), paths, scale, manager)
+        ensure_run(Run(BY_NAME["alora"], SWEEP_TASK, seed, phi, "none"), paths, scale, manager)
     phi, phi_why = select(alora, reference)
     lam, lam_why = select(ewc, reference)
     chosen = {"phi": phi, "phi_normalization": "mean", "phi_reason": phi_why, "lambda": lam, "lambda_normalization": "mean",
               "lambda_reason": lam_why, "rule": RULE, "seed": seed, "task": SWEEP_TASK, "mean_omega_seed0": omega_mean,
-              "phis": args.phis, "ewc_lambdas": args.ewc_lambdas, "raw_phis": [float(f"{p:.4g}") for p in raw]}
+              "phis": args.phis, "ewc_lambdas": args.ewc_lambdas, "raw_phis": raw}
     write_json(paths.results / "chosen.json", chosen)
     log(f"chosen: ALoRA φ {phi} ({phi_why}); EWCLoRA λ {lam} ({lam_why})")
     return chosen
@@ -388,7 +388,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
                    help="grid methods (default all; those without a penalty need no sweep first)")
     p.add_argument("--phis", type=float, nargs="+", default=[0.03, 0.3, 3.0, 30.0], help="ALoRA φ swept (normalization mean)")
-    p.add_argument("--ewc-lambdas", type=float, nargs="+", default=[0.03, 0.3, 3.0, 30.0], help="EWCLoRA λ swept (normalization mean)")
+    p.add_argument("--ewc-lambdas", type=float, nargs="+", default=[0.003, 0.03, 0.3, 3.0], help="EWCLoRA λ swept (normalization mean)")
     p.add_argument("--phi", type=float, help="ALoRA φ for the grid instead of the sweep's choice")
     p.add_argument("--ewc-lambda", type=float, help="EWCLoRA λ for the grid instead of the sweep's choice")
     s = p.add_argument_group("scale (recorded in scale.json; results of another scale are refused)")
