@@ -222,12 +222,13 @@ def domain_config(run: Run, paths: Paths, scale: Scale) -> dict:
     return cfg
 
 
-def eval_tasks(task: str) -> list[str]:
-    return [*PPL_TASKS, f"alora_{task}", *([SELECT_TASK] if task == SWEEP_TASK else [])]
+def eval_tasks(task: str, select: bool) -> list[str]:
+    return [*PPL_TASKS, f"alora_{task}", *([SELECT_TASK] if select else [])]
 
 
-def ensure_run(run: Run, paths: Paths, scale: Scale, manager) -> dict:
-    """Train (unless its lm-eval JSON exists) and evaluate one cell; returns its lm-eval results."""
+def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = False) -> dict:
+    """Train (unless its lm-eval JSON exists) and evaluate one cell; returns its lm-eval results.
+    `select`: the sweep's runs are also scored on the validation split that the rule reads."""
     out = paths.lm_eval(run)
     if out.is_file():
         return json.loads(out.read_text())
@@ -241,7 +242,7 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager) -> dict:
         name = f"s{run.seed}/{run.task}/{run.run_id}"
         if not (adapter / "adapter_model.safetensors").is_file():
             record_cost(paths, name, axolotl_train(domain_config(run, paths, scale), name, paths, scale))
-    tasks = eval_tasks(run.task) if adapter else [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), SELECT_TASK]
+    tasks = eval_tasks(run.task, select) if adapter else [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), SELECT_TASK]
     limits = {t: (scale.ppl_limit if t in PPL_TASKS else scale.limit) or None for t in tasks}
     log(f"lm-eval {run.run_id} (seed {run.seed}, {run.task}): {', '.join(tasks)}")
     from axolotl_alora.evaluation import evaluate_model
@@ -304,16 +305,19 @@ def sweep(args, paths: Paths, scale: Scale, manager) -> dict:
     """Figure 6: φ for ALoRA (normalization mean, plus raw at the paper's 1e-3 and one raw-equivalent point) and λ
     for EWCLoRA (mean) on SciQ, seed 0; picks φ and λ by RULE and writes chosen.json."""
     seed = args.seeds[0]
-    reference = ensure_run(Run(BY_NAME["lora_nu_mu"], SWEEP_TASK, seed), paths, scale, manager)
-    ensure_run(Run(BY_NAME["lora_mu"], SWEEP_TASK, seed), paths, scale, manager)
-    alora = {phi: ensure_run(Run(BY_NAME["alora"], SWEEP_TASK, seed, phi, "mean"), paths, scale, manager) for phi in args.phis}
-    ewc = {lam: ensure_run(Run(BY_NAME["ewclora"], SWEEP_TASK, seed, lam, "mean"), paths, scale, manager) for lam in args.ewc_lambdas}
+    def swept(method: str, phi=None, normalization=None) -> dict:
+        return ensure_run(Run(BY_NAME[method], SWEEP_TASK, seed, phi, normalization), paths, scale, manager, select=True)
+
+    reference = swept("lora_nu_mu")
+    swept("lora_mu")
+    alora = {phi: swept("alora", phi, "mean") for phi in args.phis}
+    ewc = {lam: swept("ewclora", lam, "mean") for lam in args.ewc_lambdas}
     omega_mean = mean_omega(paths.general(seed) / "alora_importance.safetensors")
     if not omega_mean > 0:
         raise SystemExit(f"the seed-{seed} general stage recorded no importance (mean Ω {omega_mean}); train it longer (--general-steps)")
     raw = [PAPER_PHI]  # the paper's φ on raw Ω (`mean` at φ is raw at φ / mean Ω: the same penalty, so not re-run)
     for phi in raw:
-        ensure_run(Run(BY_NAME["alora"], SWEEP_TASK, seed, phi, "none"), paths, scale, manager)
+        swept("alora", phi, "none")
     phi, phi_why = select(alora, reference)
     lam, lam_why = select(ewc, reference)
     chosen = {"phi": phi, "phi_normalization": "mean", "phi_reason": phi_why, "lambda": lam, "lambda_normalization": "mean",
