@@ -302,9 +302,16 @@ def select(candidates: dict[float, dict], reference: dict) -> tuple[float, str]:
 
 
 def sweep(args, paths: Paths, scale: Scale, manager) -> dict:
-    """Figure 6: φ for ALoRA (normalization mean, plus raw at the paper's 1e-3 and one raw-equivalent point) and λ
-    for EWCLoRA (mean) on SciQ, seed 0; picks φ and λ by RULE and writes chosen.json."""
+    """Figure 6: φ for ALoRA (normalization mean, plus raw Ω at the paper's 1e-3) and λ for EWCLoRA (mean) on SciQ
+    with the first seed; picks φ and λ by RULE and writes chosen.json (a later call with the same values reads it)."""
     seed = args.seeds[0]
+    done = paths.results / "chosen.json"
+    if done.is_file():
+        chosen = json.loads(done.read_text())
+        if (chosen["phis"], chosen["ewc_lambdas"], chosen["seed"]) == (args.phis, args.ewc_lambdas, seed):
+            log(f"sweep done: {done} (φ {chosen['phi']:g}, λ {chosen['lambda']:g}); delete it to sweep again")
+            return chosen
+
     def swept(method: str, phi=None, normalization=None) -> dict:
         return ensure_run(Run(BY_NAME[method], SWEEP_TASK, seed, phi, normalization), paths, scale, manager, select=True)
 
@@ -364,9 +371,10 @@ def report(args, paths: Paths) -> None:
     from reproduce_report import write_reports  # eval/reproduce_report.py: tables and plots from the JSON alone
 
     path = paths.results / "chosen.json"
-    chosen = json.loads(path.read_text()) if path.is_file() else None
-    if chosen is not None:
+    chosen = json.loads(path.read_text()) if path.is_file() else {}
+    if chosen or (args.phi is not None and args.ewc_lambda is not None):
         chosen.update(chosen_values(args, paths))
+    chosen = chosen or None  # no φ / λ yet: the penalised rows stay empty
     for written in write_reports(paths.results, METHODS, TABLE2, chosen, args.seeds, args.tasks):
         log(f"wrote {written}")
     general = paths.general(args.seeds[0]) / "alora_importance.safetensors"

@@ -94,7 +94,7 @@ def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds
     t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, base)
     written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"))
     sweep_rows = [e for e in entries if e.get("seed") == (chosen or {}).get("seed", seeds[0]) and e.get("task") == "sciq"]
-    if chosen and sweep_rows:
+    if chosen and "rule" in chosen and sweep_rows:  # a sweep ran (not just --phi / --ewc-lambda)
         written.append(_write(results_dir / "sweep.md", sweep_markdown(sweep_rows, chosen, results_dir)))
         written.append(plot_sweep(sweep_rows, chosen, results_dir / "fig6_phi_sweep.png"))
     return written

@@ -110,6 +110,32 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
     costs = json.loads((results / "costs.json").read_text())
     assert costs["s0/general (SI)"]["file_mib"] > 0 and costs["s0/fisher (EWC)"]["max_rss_mib"] > 0
 
-    again = _run(["grid", *common], tmp_path)  # every output exists: nothing is trained or evaluated again
-    assert "axolotl.cli.train" not in again.stdout and "lm-eval " not in again.stdout
+    again = _run(["all", *common], tmp_path)  # every output exists: nothing is trained or evaluated again
+    assert "axolotl.cli.train" not in again.stdout and "lm-eval " not in again.stdout and "sweep done" in again.stdout
     assert again.stdout.count("(done)") == 7  # Base and 6 trained methods
+
+
+def _fake_run(results, method, seed, phi, wikitext, acc, task="sciq", normalization="mean"):
+    path = results / "lm-eval" / f"s{seed}" / task / f"{method}-{phi}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "results": {"alora_wikitext2": {"word_perplexity,none": wikitext}, "alora_general_ppl": {"word_perplexity,none": 2 * wikitext},
+                    f"alora_{task}": {"acc,none": acc}},
+        "alora_reproduce": {"method": method, "task": task, "seed": seed, "phi": phi, "normalization": normalization}}))
+
+
+def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_path):
+    from reproduce_report import write_reports
+
+    (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
+    _fake_run(tmp_path, "alora", 0, 0.3, 30.0, 0.80)
+    _fake_run(tmp_path, "alora", 1, 0.3, 34.0, 0.90)
+    _fake_run(tmp_path, "alora", 1, 3.0, 99.0, 0.10)  # another φ of the sweep: not in Table 1
+    _fake_run(tmp_path, "lora_mu", 0, None, 40.0, 0.70, normalization=None)
+    chosen = {"phi": 0.3, "lambda": 0.03}
+    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "table1.md").read_text().splitlines() if line.startswith("| ")}
+    # mean 32, sample std of (30, 34) = 2.83; accuracy 85.0 ± 7.1 (in %); general PPL 64 ± 5.66
+    assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 85.0 ± 7.1 |"
+    assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
+    assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – |"
