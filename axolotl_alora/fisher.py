@@ -280,10 +280,21 @@ def peak_memory(device) -> dict:
 
     import torch
 
-    peak = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    peak = {"cpu_max_rss_mib": _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    peak["cpu_max_rss_mib"] /= 1024  # KiB on Linux
     if device.type == "cuda":
         peak["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+def _vm_hwm_kib() -> int | None:
+    """This process's own peak RSS (Linux VmHWM). ru_maxrss would include the high-water mark of the process
+    that forked it (a large driver that runs `alora fisher` as a child, for instance)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _print_summary(path: Path, data, args, device, wall_s: float, compute_s: float) -> None:

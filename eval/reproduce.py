@@ -131,15 +131,48 @@ def run_logged(cmd: list[str], log_path: Path, cwd: Path, echo: str) -> dict:
     start = time.time()
     with log_path.open("w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+        peak = PeakMemory(proc.pid)
         for line in proc.stdout:
             f.write(line)
             if line.startswith("{'loss'") or "ALoRA" in line or "Error" in line or line.startswith("cost:"):
                 print(f"  {echo}: {line.rstrip()[:200]}", flush=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak resident memory
-    code = os.waitstatus_to_exitcode(status)
+        code = proc.wait()
+        peak.stop()
     if code != 0:
         raise SystemExit(f"{echo} failed (exit {code}); see {log_path}")
-    return {"wall_s": round(time.time() - start, 1), "max_rss_mib": round(usage.ru_maxrss / 1024)}
+    return {"wall_s": round(time.time() - start, 1), "peak_rss_mib": peak.mib}
+
+
+class PeakMemory:
+    """The child's peak resident memory, polled from /proc/<pid>/status (VmHWM).
+
+    Not getrusage: Linux carries the parent's high-water mark into a forked child's ru_maxrss, and this driver,
+    which runs lm-eval in-process, is larger than most of its children.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import threading
+
+        self.kib, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(Path(f"/proc/{pid}/status"), interval), daemon=True)
+        self._thread.start()
+
+    def _poll(self, status: Path, interval: float) -> None:
+        while not self._done.is_set():
+            try:
+                hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):  # exited (or a zombie without an mm)
+                return
+            self.kib = max(self.kib, int(hwm.split()[1]))
+            self._done.wait(interval)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> int | None:
+        return round(self.kib / 1024) if self.kib else None
 
 
 def write_json(path: Path, obj) -> None:
