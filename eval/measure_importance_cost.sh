@@ -11,12 +11,14 @@ python - "$out" <<'PY'
 import sys, yaml
 out = sys.argv[1]
 cfg = yaml.safe_load(open("work/reproduce/configs/s0/general.yml"))
-for name, record in (("general-si", True), ("general-plain", False)):
-    cfg.update(max_steps=5, output_dir=f"{out}/{name}", alora_record_importance=record)
-    yaml.safe_dump(cfg, open(f"{out}/{name}.yml", "w"), sort_keys=False)
+cfg.update(max_steps=5, output_dir=f"{out}/general-si", alora_record_importance=True)
+yaml.safe_dump(cfg, open(f"{out}/general-si.yml", "w"), sort_keys=False)
+del cfg["alora_record_importance"]  # no alora_ key: the plugin stays inert (a `false` alone is refused as a no-op)
+cfg.update(output_dir=f"{out}/general-plain")
+yaml.safe_dump(cfg, open(f"{out}/general-plain.yml", "w"), sort_keys=False)
 PY
 report() { echo "$1: $(grep -E 'Maximum resident|Elapsed \(wall' $out/$1.log | sed 's/^\s*//' | tr '\n' ';')"; }
-for c in general-si general-plain; do /usr/bin/time -v axolotl train $out/$c.yml > $out/$c.log 2>&1; report $c; done
+for c in ${STAGES:-general-si general-plain}; do /usr/bin/time -v axolotl train $out/$c.yml > $out/$c.log 2>&1; report $c; done
 /usr/bin/time -v alora fisher --base work/reproduce/smollm2 --data work/reproduce/data/general_train.jsonl --samples 8 \
   --max-length 256 --out $out/fisher.safetensors --no-progress > $out/fisher.log 2>&1
 report fisher; grep '^cost' $out/fisher.log
