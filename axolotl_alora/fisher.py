@@ -280,8 +280,8 @@ def peak_memory(device) -> dict:
 
     import torch
 
-    peak = {"cpu_max_rss_mib": _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-    peak["cpu_max_rss_mib"] /= 1024  # KiB on Linux
+    kib = _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # both KiB on Linux
+    peak = {"cpu_max_rss_mib": kib / 1024}
     if device.type == "cuda":
         peak["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 PPL = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"))
+PPL_TASKS = {task for task, _ in PPL}
 TASK_LABELS = {"sciq": "SciQ", "piqa": "PIQA", "medmcqa": "MedMCQA"}
 SWEEP_COLUMNS = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"),
                  ("alora_sciq_valid", "SciQ valid acc ↑"), ("alora_sciq", "SciQ test acc ↑"))
@@ -60,8 +61,7 @@ def cells(entries: list[dict], method, task: str, chosen, seeds: list[int], base
     runs = [base] if method.example is None and base else grid_entries(entries, method, task, chosen, seeds)
     n = 1 if method.example is None else len(seeds)
     columns = [*(ppl for ppl, _ in PPL), f"alora_{task}"]
-    return [fmt([r["metrics"][c] for r in runs if r["metrics"].get(c) is not None], c.endswith("ppl") or "wikitext" in c, n)
-            for c in columns]
+    return [fmt([r["metrics"][c] for r in runs if r["metrics"].get(c) is not None], c in PPL_TASKS, n) for c in columns]
 
 
 def table(entries, rows, tasks, chosen, seeds, base) -> str:
@@ -128,7 +128,7 @@ def sweep_markdown(rows: list[dict], chosen: dict, results_dir: Path) -> str:
         ratio = (e.get("last_train_log") or {}).get("alora_reg_ratio")
         mark = " ✔" if (e["method"] == "alora" and phi == chosen["phi"] and norm == "mean") or (
             e["method"] == "ewclora" and phi == chosen["lambda"]) else ""
-        vals = [fmt([e["metrics"][t]] if e["metrics"].get(t) is not None else [], "ppl" in t or "wikitext" in t, 1) for t, _ in SWEEP_COLUMNS]
+        vals = [fmt([e["metrics"][t]] if e["metrics"].get(t) is not None else [], t in PPL_TASKS, 1) for t, _ in SWEEP_COLUMNS]
         lines.append(f"| {e['method']}{mark} | {norm or '–'} | {'–' if phi is None else f'{phi:g}'} | {on_mean} | "
                      f"{'–' if ratio is None else f'{ratio:.3g}'} | " + " | ".join(vals) + " |")
     lines += ["", "✔ = chosen for Table 1. Accuracy in %. " + f"Scale: {scale_line(results_dir)}.", ""]
