@@ -1,7 +1,7 @@
 """Tables and plots of `eval/reproduce.py`, made from the lm-eval JSON in its results folder alone.
 
 table1.md (the paper's Table 1: methods × tasks, general PPL ↓ and accuracy ↑, mean ± std over seeds),
-table2.md (the ablations), sweep.md and fig6_phi_sweep.png (the paper's Figure 6: general PPL and accuracy
+table2.md (the ablations), costs.md (each stage's peak memory and wall time, from costs.json), sweep.md and fig6_phi_sweep.png (the paper's Figure 6: general PPL and accuracy
 against φ), all from `<results>/lm-eval/**.json`, whose `alora_reproduce` entry says which run each one is.
 """
 
@@ -93,11 +93,52 @@ def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds
     written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note + "\n"))
     t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, base)
     written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"))
+    costs_path = results_dir / "costs.json"
+    if costs_path.is_file():
+        costs = json.loads(costs_path.read_text())
+        written.append(_write(results_dir / "costs.md", costs_markdown(entries, methods, tasks, chosen, seeds, costs)))
     sweep_rows = [e for e in entries if e.get("seed") == (chosen or {}).get("seed", seeds[0]) and e.get("task") == "sciq"]
     if chosen and "rule" in chosen and sweep_rows:  # a sweep ran (not just --phi / --ewc-lambda)
         written.append(_write(results_dir / "sweep.md", sweep_markdown(sweep_rows, chosen, results_dir)))
         written.append(plot_sweep(sweep_rows, chosen, results_dir / "fig6_phi_sweep.png"))
     return written
+
+
+def fmt_count(values: list[float], digits: int = 0) -> str:
+    if not values:
+        return "–"
+    mean, std, n = stats(values)
+    return f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if std is not None else "") + f" (n={n})"
+
+
+def measured(records: list[dict | None]) -> list[dict]:
+    """The cost records with the child's own peak memory (older records, made with ru_maxrss, had theirs removed)."""
+    return [r for r in records if r and r.get("peak_rss_mib")]
+
+
+def costs_markdown(entries, methods, tasks, chosen, seeds, costs: dict) -> str:
+    """Peak resident memory (VmHWM of the child process) and wall time of every stage, per Table-1 cell."""
+    lines = ["# Cost of each stage: peak resident memory (MiB) and wall time (s)", "",
+             "Mean ± sample std over the runs of each cell whose peak memory was recorded (n = how many). Peak memory is the "
+             "VmHWM of the `axolotl train` / `alora fisher` process itself; wall time includes its start-up and was measured on "
+             "a shared 2-core machine, so compare it only roughly.", "",
+             "| stage | peak MiB | wall s | file MiB |", "|---|---:|---:|---:|"]
+    for stage in ("general (SI)", "fisher (EWC)"):
+        recs = measured([costs.get(f"s{seed}/{stage}") for seed in seeds])
+        lines.append(f"| {stage} | {fmt_count([r['peak_rss_mib'] for r in recs])} | {fmt_count([r['wall_s'] for r in recs])} | "
+                     f"{fmt_count([r['file_mib'] for r in recs if 'file_mib' in r], 1)} |")
+    lines += ["", "Domain stages (`axolotl train` only; lm-eval not included):", "",
+              "| method | " + " | ".join(f"{TASK_LABELS[t]} peak MiB | {TASK_LABELS[t]} wall s" for t in tasks) + " |",
+              "|---|" + "---:|" * (2 * len(tasks))]
+    for method in methods:
+        if method.example is None:
+            continue
+        row = []
+        for task in tasks:
+            recs = measured([costs.get(f"s{e['seed']}/{task}/{e.get('run')}") for e in grid_entries(entries, method, task, chosen, seeds)])
+            row += [fmt_count([r["peak_rss_mib"] for r in recs]), fmt_count([r["wall_s"] for r in recs])]
+        lines.append(f"| {method.label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write(path: Path, text: str) -> Path:

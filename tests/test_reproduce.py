@@ -121,7 +121,8 @@ def _fake_run(results, method, seed, phi, wikitext, acc, task="sciq", normalizat
     path.write_text(json.dumps({
         "results": {"alora_wikitext2": {"word_perplexity,none": wikitext}, "alora_general_ppl": {"word_perplexity,none": 2 * wikitext},
                     f"alora_{task}": {"acc,none": acc}},
-        "alora_reproduce": {"method": method, "task": task, "seed": seed, "phi": phi, "normalization": normalization}}))
+        "alora_reproduce": {"run": f"{method}-{phi}", "method": method, "task": task, "seed": seed, "phi": phi,
+                            "normalization": normalization}}))
 
 
 def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_path):
@@ -139,6 +140,27 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
     assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 85.0 ± 7.1 |"
     assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
     assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – |"
+
+
+def test_costs_table_averages_measured_peaks_of_the_chosen_runs_only(tmp_path):
+    from reproduce_report import write_reports
+
+    (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
+    _fake_run(tmp_path, "alora", 0, 0.3, 30.0, 0.80)
+    _fake_run(tmp_path, "alora", 1, 0.3, 34.0, 0.90)
+    _fake_run(tmp_path, "alora", 2, 0.3, 34.0, 0.90)
+    _fake_run(tmp_path, "alora", 1, 3.0, 99.0, 0.10)  # not the chosen φ
+    (tmp_path / "costs.json").write_text(json.dumps({
+        "s0/sciq/alora-0.3": {"wall_s": 999.0},  # recorded before VmHWM: no peak, left out
+        "s1/sciq/alora-0.3": {"wall_s": 100.0, "peak_rss_mib": 3400},
+        "s2/sciq/alora-0.3": {"wall_s": 120.0, "peak_rss_mib": 3600},
+        "s1/sciq/alora-3.0": {"wall_s": 5.0, "peak_rss_mib": 9999},
+        "s1/general (SI)": {"wall_s": 170.0, "peak_rss_mib": 3612, "file_mib": 52.4}}))
+    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1, 2], ["sciq"])
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "costs.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["ALoRA"] == "| ALoRA | 3,500 ± 141 (n=2) | 110 ± 14 (n=2) |"  # std of (3400, 3600) = 141.4
+    assert rows["general (SI)"] == "| general (SI) | 3,612 (n=1) | 170 (n=1) | 52.4 (n=1) |"
+    assert rows["LoRA(μ)"] == "| LoRA(μ) | – | – |"
 
 
 def test_peak_memory_is_the_childs_own_not_the_parents(tmp_path):
