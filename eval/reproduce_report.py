@@ -73,6 +73,35 @@ def table(entries, rows, tasks, chosen, seeds, base) -> str:
     return "\n".join(lines)
 
 
+def fmt_delta(diffs: list[float], ppl: bool) -> str:
+    if not diffs:
+        return "–"
+    mean, std, n = stats(diffs)
+    digits, scale = (2, 1) if ppl else (1, 100)
+    better = sum(d < 0 for d in diffs) if ppl else sum(d > 0 for d in diffs)
+    text = f"{mean * scale:+.{digits}f}" + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+    return text + f" ({better} of {n} {'lower' if ppl else 'higher'})"
+
+
+def paired_table(entries, rows, tasks, chosen, seeds, reference) -> str:
+    """Each method minus `reference` on the same seed and task: a seed fixes the data order, the LoRA
+    initialisation and the general stage for every method, so the spread across seeds cancels in the difference."""
+    head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
+    for method, label in rows:
+        if method.example is None or method is reference:
+            continue
+        row = []
+        for task in tasks:
+            ref = {e["seed"]: e["metrics"] for e in grid_entries(entries, reference, task, chosen, seeds)}
+            runs = [(e["metrics"], ref[e["seed"]]) for e in grid_entries(entries, method, task, chosen, seeds) if e["seed"] in ref]
+            for c in [*(ppl for ppl, _ in PPL), f"alora_{task}"]:
+                diffs = [m[c] - r[c] for m, r in runs if m.get(c) is not None and r.get(c) is not None]
+                row.append(fmt_delta(diffs, c in PPL_TASKS))
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def scale_line(results_dir: Path) -> str:
     scale = json.loads((results_dir / "scale.json").read_text())
     return ", ".join(f"{k} {v}" for k, v in scale.items())
@@ -90,9 +119,19 @@ def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds
     note += f"Scale: {scale_line(results_dir)}."
     written = []
     t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, base)
-    written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note + "\n"))
+    reference = by_name["lora_nu_mu"]
+    paired_note = ("\n## Paired with LoRA(ν+μ): each method minus LoRA(ν+μ) on the same seed and task\n\n"
+                   "Mean ± sample std of the per-seed differences, and on how many seeds the method was better (PPL lower, "
+                   "accuracy higher). Within a seed every method shares the data order and LoRA initialisation, and ALoRA, "
+                   "− layer and LoRA(ν+μ) share the general stage, whose variation across seeds dominates the std above.\n\n")
+    t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, base)
+    p1 = paired_table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, reference)
+    written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note
+                          + "\n" + paired_note + p1 + "\n"))
     t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, base)
-    written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"))
+    p2 = paired_table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, reference)
+    written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"
+                          + paired_note + p2 + "\n"))
     costs_path = results_dir / "costs.json"
     if costs_path.is_file():
         costs = json.loads(costs_path.read_text())

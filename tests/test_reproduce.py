@@ -109,6 +109,8 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
         assert (results / png).read_bytes()[:4] == b"\x89PNG"
     costs = json.loads((results / "costs.json").read_text())
     assert costs["s0/general (SI)"]["file_mib"] > 0 and costs["s0/fisher (EWC)"]["peak_rss_mib"] > 0
+    alora_costs = next(line for line in (results / "costs.md").read_text().splitlines() if line.startswith("| ALoRA |"))
+    assert "–" not in alora_costs and "(n=1)" in alora_costs  # the domain stage's own peak and wall time, one seed
 
     again = _run(["all", *common], tmp_path)  # every output exists: nothing is trained or evaluated again
     assert "axolotl.cli.train" not in again.stdout and "lm-eval " not in again.stdout and "sweep done" in again.stdout
@@ -135,11 +137,32 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
     _fake_run(tmp_path, "lora_mu", 0, None, 40.0, 0.70, normalization=None)
     chosen = {"phi": 0.3, "lambda": 0.03}
     write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
-    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "table1.md").read_text().splitlines() if line.startswith("| ")}
+    means = (tmp_path / "table1.md").read_text().split("## Paired")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in means.splitlines() if line.startswith("| ")}
     # mean 32, sample std of (30, 34) = 2.83; accuracy 85.0 ± 7.1 (in %); general PPL 64 ± 5.66
     assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 85.0 ± 7.1 |"
     assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
     assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – |"
+
+
+def test_paired_differences_are_taken_within_each_seed(tmp_path):
+    from reproduce_report import write_reports
+
+    (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
+    # the seeds differ by far more than the methods do; ALoRA is 0.5 and 1.5 PPL below LoRA(ν+μ) on its own seed
+    _fake_run(tmp_path, "lora_nu_mu", 0, None, 30.0, 0.80, normalization=None)
+    _fake_run(tmp_path, "lora_nu_mu", 1, None, 50.0, 0.80, normalization=None)
+    _fake_run(tmp_path, "alora", 0, 0.3, 29.5, 0.82)
+    _fake_run(tmp_path, "alora", 1, 0.3, 48.5, 0.79)
+    _fake_run(tmp_path, "lora_mu", 1, None, 51.0, 0.90, normalization=None)  # seed 0 missing: one pair only
+    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1], ["sciq"])
+    text = (tmp_path / "table1.md").read_text()
+    paired = text[text.index("## Paired"):]
+    rows = {line.split(" | ")[0][2:]: line for line in paired.splitlines() if line.startswith("| ")}
+    # differences -0.5 and -1.5: mean -1.00, std 0.71; general PPL (2x) -2.00 ± 1.41; accuracy +2 and -1: +0.5 ± 2.1
+    assert rows["ALoRA"] == "| ALoRA | -1.00 ± 0.71 (2 of 2 lower) | -2.00 ± 1.41 (2 of 2 lower) | +0.5 ± 2.1 (1 of 2 higher) |"
+    assert rows["LoRA(μ)"] == "| LoRA(μ) | +1.00 (0 of 1 lower) | +2.00 (0 of 1 lower) | +10.0 (1 of 1 higher) |"
+    assert "| LoRA(ν+μ) |" not in paired and "| Base |" not in paired
 
 
 def test_costs_table_averages_measured_peaks_of_the_chosen_runs_only(tmp_path):
