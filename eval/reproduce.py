@@ -40,14 +40,16 @@ PAPER_PHI = 1e-3
 class Method:
     name: str
     label: str
-    example: str | None  # examples/smollm2-cpu/<example>.yml; None: the base model, untrained
-    continues_general: bool = False  # starts from the seed's general-stage adapter (lora_model_dir)
+    example: str | None  # examples/smollm2-cpu/<example>.yml; None: no domain stage (evaluated as it is)
+    continues_general: bool = False  # starts from the seed's general-stage adapter (lora_model_dir); with no
+    # example, it is that adapter, evaluated before any domain stage
     importance: str | None = None  # "si": the general stage's file; "fisher": `alora fisher`'s
     tuned: str | None = None  # "phi" (ALoRA's φ) or "lambda" (EWC's λ): the swept penalty weight it uses
 
 
 METHODS = (
     Method("base", "Base", None),
+    Method("general", "General stage ν only", None, continues_general=True),
     Method("lora_mu", "LoRA(μ)", "domain-lora-mu"),
     Method("lora_nu_mu", "LoRA(ν+μ)", "domain-lora", continues_general=True),
     Method("rslora", "RSLoRA", "domain-rslora"),
@@ -110,7 +112,7 @@ class Paths:
         return self.work / "runs" / f"s{run.seed}" / run.task / run.run_id
 
     def lm_eval(self, run: Run) -> Path:
-        if run.method.example is None:
+        if run.method.name == "base":
             return self.results / "lm-eval" / "base.json"
         return self.results / "lm-eval" / f"s{run.seed}" / run.task / f"{run.run_id}.json"
 
@@ -266,7 +268,10 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
     if out.is_file():
         return json.loads(out.read_text())
     adapter = None
-    if run.method.example is not None:
+    if run.method.example is None and run.method.continues_general:
+        ensure_general(paths, scale, run.seed)
+        adapter = paths.general(run.seed)
+    elif run.method.example is not None:
         if run.method.continues_general or run.method.importance == "si":
             ensure_general(paths, scale, run.seed)
         if run.method.importance == "fisher":
@@ -275,7 +280,10 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
         name = f"s{run.seed}/{run.task}/{run.run_id}"
         if not (adapter / "adapter_model.safetensors").is_file():
             record_cost(paths, name, axolotl_train(domain_config(run, paths, scale), name, paths, scale))
-    tasks = eval_tasks(run.task, select) if adapter else [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), SELECT_TASK]
+    if run.method.example is not None:
+        tasks = eval_tasks(run.task, select)
+    else:  # every task once; Base also on the validation split, as the sweep's reference point
+        tasks = [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), *([SELECT_TASK] if adapter is None else [])]
     limits = {t: (scale.ppl_limit if t in PPL_TASKS else scale.limit) or None for t in tasks}
     log(f"lm-eval {run.run_id} (seed {run.seed}, {run.task}): {', '.join(tasks)}")
     from axolotl_alora.evaluation import evaluate_model
@@ -285,7 +293,8 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
     results["alora_reproduce"] = {"run": run.run_id, "method": run.method.name, "task": run.task, "seed": run.seed,
                                   "phi": run.phi, "normalization": run.normalization, "scale": asdict(scale),
                                   "eval_wall_s": round(time.time() - start, 1),
-                                  "last_train_log": last_train_log(paths.work / "logs" / f"{name}.log") if adapter else None}
+                                  "last_train_log": last_train_log(paths.work / "logs" / f"{name}.log")
+                                  if run.method.example is not None else None}
     write_json(out, results)
     return results
 
@@ -382,6 +391,8 @@ def grid_runs(args, values: dict | None) -> list[Run]:
     methods = [m for m in METHODS if m.name in args.methods]
     runs = [Run(BY_NAME["base"], "all", 0)] if "base" in args.methods else []
     for seed in args.seeds:
+        if "general" in args.methods:
+            runs.append(Run(BY_NAME["general"], "all", seed))
         for task in args.tasks:
             for m in methods:
                 if m.example is not None:

@@ -57,18 +57,21 @@ def grid_entries(entries: list[dict], method, task: str, chosen: dict | None, se
     return out
 
 
-def cells(entries: list[dict], method, task: str, chosen, seeds: list[int], base: dict | None) -> list[str]:
-    runs = [base] if method.example is None and base else grid_entries(entries, method, task, chosen, seeds)
-    n = 1 if method.example is None else len(seeds)
+def cells(entries: list[dict], method, task: str, chosen, seeds: list[int]) -> list[str]:
+    if method.example is None:  # no domain stage: Base (one evaluation), or each seed's general adapter
+        runs = [e for e in entries if e.get("method") == method.name and (not method.continues_general or e.get("seed") in seeds)]
+    else:
+        runs = grid_entries(entries, method, task, chosen, seeds)
+    n = len(seeds) if method.example is not None or method.continues_general else 1
     columns = [*(ppl for ppl, _ in PPL), f"alora_{task}"]
     return [fmt([r["metrics"][c] for r in runs if r["metrics"].get(c) is not None], c in PPL_TASKS, n) for c in columns]
 
 
-def table(entries, rows, tasks, chosen, seeds, base) -> str:
+def table(entries, rows, tasks, chosen, seeds) -> str:
     head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
     lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
     for method, label in rows:
-        row = [c for t in tasks for c in cells(entries, method, t, chosen, seeds, base)]
+        row = [c for t in tasks for c in cells(entries, method, t, chosen, seeds)]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -109,26 +112,25 @@ def scale_line(results_dir: Path) -> str:
 
 def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds: list[int], tasks: list[str]) -> list[Path]:
     entries = load(results_dir)
-    base = next((e for e in entries if e.get("method") == "base"), None)
     by_name = {m.name: m for m in methods}
     note = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (n=… where fewer seeds have finished); accuracy in %, "
             f"lm-eval `acc` on the test split; PPL is lm-eval `word_perplexity` on WikiText-2 test and the general held-out "
-            f"slice after training on that column's task. Base is deterministic (one evaluation). ")
+            f"slice after training on that column's task. Base is deterministic (one evaluation). "
+            f"\"General stage ν only\" is each seed's general adapter before any domain stage, so its numbers repeat across tasks. ")
     if chosen:
         note += f"ALoRA φ = {chosen['phi']:g} and EWCLoRA λ = {chosen['lambda']:g} (normalization mean), chosen by the sweep (sweep.md). "
     note += f"Scale: {scale_line(results_dir)}."
     written = []
-    t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, base)
     reference = by_name["lora_nu_mu"]
     paired_note = ("\n## Paired with LoRA(ν+μ): each method minus LoRA(ν+μ) on the same seed and task\n\n"
                    "Mean ± sample std of the per-seed differences, and on how many seeds the method was better (PPL lower, "
                    "accuracy higher). Within a seed every method shares the data order and LoRA initialisation, and ALoRA, "
                    "− layer and LoRA(ν+μ) share the general stage, whose variation across seeds dominates the std above.\n\n")
-    t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, base)
+    t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds)
     p1 = paired_table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, reference)
     written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note
                           + "\n" + paired_note + p1 + "\n"))
-    t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, base)
+    t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds)
     p2 = paired_table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds, reference)
     written.append(_write(results_dir / "table2.md", "# Table 2: ablations of ALoRA\n\n" + t2 + "\n\n" + note + "\n"
                           + paired_note + p2 + "\n"))

@@ -43,8 +43,10 @@ def test_results_of_another_scale_are_refused(tmp_path):
 def test_grid_covers_every_method_task_and_seed_at_the_chosen_values():
     args = reproduce.parse_args(["grid", "--seeds", "0", "1", "--tasks", "sciq", "piqa"])
     runs = reproduce.grid_runs(args, {"phi": 0.3, "lambda": 3.0})
-    assert len(runs) == 1 + 2 * 2 * 6  # Base once, then 6 trained methods per (seed, task)
+    assert len(runs) == 1 + 2 * (1 + 2 * 6)  # Base once; per seed the general adapter, then 6 trained methods per task
+    assert [(r.seed, r.task, r.run_id) for r in runs[:3]] == [(0, "all", "base"), (0, "all", "general"), (0, "sciq", "lora_mu")]
     ids = {(r.seed, r.task, r.run_id) for r in runs[1:]}
+    assert (1, "all", "general") in ids
     assert (1, "piqa", "alora-mean-phi0.3") in ids and (0, "sciq", "ewclora-mean-phi3") in ids
     assert (0, "sciq", "alora_nolayer-mean-phi0.3") in ids and (1, "sciq", "rslora") in ids
     untuned = reproduce.grid_runs(reproduce.parse_args(["grid", "--seeds", "1", "--methods", "lora_mu", "rslora"]), None)
@@ -81,6 +83,9 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
         assert raw["alora_reproduce"]["scale"]["domain_steps"] == 2
     base = json.loads((results / "lm-eval" / "base.json").read_text())
     assert {"alora_sciq", "alora_piqa", "alora_medmcqa", "alora_wikitext2"} <= set(base["results"])
+    general = json.loads((results / "lm-eval" / "s0" / "all" / "general.json").read_text())
+    assert {"alora_sciq", "alora_piqa", "alora_medmcqa", "alora_wikitext2"} <= set(general["results"])
+    assert general["results"]["alora_wikitext2"] != base["results"]["alora_wikitext2"]  # the adapter was loaded
 
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in (work / "configs" / "s0" / "sciq").glob("*.yml")}
     assert len(configs) == 7  # 6 methods, and ALoRA on raw Ω at the paper's φ
@@ -114,7 +119,7 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
 
     again = _run(["all", *common], tmp_path)  # every output exists: nothing is trained or evaluated again
     assert "axolotl.cli.train" not in again.stdout and "lm-eval " not in again.stdout and "sweep done" in again.stdout
-    assert again.stdout.count("(done)") == 7  # Base and 6 trained methods
+    assert again.stdout.count("(done)") == 8  # Base, the general adapter and 6 trained methods
 
 
 def _fake_run(results, method, seed, phi, wikitext, acc, task="sciq", normalization="mean"):
@@ -135,6 +140,12 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
     _fake_run(tmp_path, "alora", 1, 0.3, 34.0, 0.90)
     _fake_run(tmp_path, "alora", 1, 3.0, 99.0, 0.10)  # another φ of the sweep: not in Table 1
     _fake_run(tmp_path, "lora_mu", 0, None, 40.0, 0.70, normalization=None)
+    for seed, wikitext in ((0, 33.0), (1, 35.0)):  # the general adapter alone: one evaluation per seed, on every task
+        path = tmp_path / "lm-eval" / f"s{seed}" / "all" / "general.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"results": {"alora_wikitext2": {"word_perplexity,none": wikitext}, "alora_sciq": {"acc,none": 0.5},
+                                                "alora_general_ppl": {"word_perplexity,none": 2 * wikitext}},
+                                    "alora_reproduce": {"run": "general", "method": "general", "task": "all", "seed": seed}}))
     chosen = {"phi": 0.3, "lambda": 0.03}
     write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
     means = (tmp_path / "table1.md").read_text().split("## Paired")[0]
@@ -143,6 +154,7 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
     assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 85.0 ± 7.1 |"
     assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
     assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – |"
+    assert rows["General stage ν only"] == "| General stage ν only | 34.00 ± 1.41 | 68.00 ± 2.83 | 50.0 ± 0.0 |"
 
 
 def test_paired_differences_are_taken_within_each_seed(tmp_path):
