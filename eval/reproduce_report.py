@@ -1,8 +1,9 @@
 """Tables and plots of `eval/reproduce.py`, made from the lm-eval JSON in its results folder alone.
 
 table1.md (the paper's Table 1: methods × tasks, general PPL ↓ and accuracy ↑, mean ± std over seeds),
-table2.md (the ablations), costs.md (each stage's peak memory and wall time, from costs.json), sweep.md and fig6_phi_sweep.png (the paper's Figure 6: general PPL and accuracy
-against φ), all from `<results>/lm-eval/**.json`, whose `alora_reproduce` entry says which run each one is.
+table2.md (the ablations), costs.md (each stage's peak memory and wall time, from costs.json), sweep.md and
+fig6_phi_sweep.png (the paper's Figure 6: general PPL and accuracy against φ), all from `<results>/lm-eval/**.json`,
+whose `alora_reproduce` entry says which run each one is.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def fmt_delta(diffs: list[float], ppl: bool) -> str:
 
 
 def paired_table(entries, rows, tasks, chosen, seeds, reference) -> str:
-    """Each method minus `reference` on the same seed and task: a seed fixes the data order, the LoRA
-    initialisation and the general stage for every method, so the spread across seeds cancels in the difference."""
+    """Each method minus `reference` on the same seed and task. A seed fixes the data order and the LoRA
+    initialisation for every method, and the general stage for those that continue it, so most of the spread
+    across seeds cancels in the difference."""
     head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
     lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
     for method, label in rows:
