@@ -280,18 +280,19 @@ def peak_memory(device) -> dict:
 
     import torch
 
-    kib = _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # both KiB on Linux
+    kib = vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # both KiB on Linux
     peak = {"cpu_max_rss_mib": kib / 1024}
     if device.type == "cuda":
         peak["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
 
 
-def _vm_hwm_kib() -> int | None:
-    """This process's own peak RSS (Linux VmHWM). ru_maxrss would include the high-water mark of the process
-    that forked it (a large driver that runs `alora fisher` as a child, for instance)."""
+def vm_hwm_kib(pid: int | str = "self") -> int | None:
+    """A process's own peak RSS (Linux VmHWM), None where /proc has none (not Linux, or the process has exited).
+    ru_maxrss would include the high-water mark of the process that forked it (a large driver that runs
+    `alora fisher` as a child, for instance)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return None

@@ -156,16 +156,17 @@ class PeakMemory:
         import threading
 
         self.kib, self._done = 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, args=(Path(f"/proc/{pid}/status"), interval), daemon=True)
+        self._thread = threading.Thread(target=self._poll, args=(pid, interval), daemon=True)
         self._thread.start()
 
-    def _poll(self, status: Path, interval: float) -> None:
+    def _poll(self, pid: int, interval: float) -> None:
+        from axolotl_alora.fisher import vm_hwm_kib
+
         while not self._done.is_set():
-            try:
-                hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-            except (OSError, StopIteration):  # exited (or a zombie without an mm)
+            kib = vm_hwm_kib(pid)
+            if kib is None:  # exited (or a zombie without an mm)
                 return
-            self.kib = max(self.kib, int(hwm.split()[1]))
+            self.kib = max(self.kib, kib)
             self._done.wait(interval)
 
     def stop(self) -> None:

@@ -68,9 +68,13 @@ def cells(entries: list[dict], method, task: str, chosen, seeds: list[int]) -> l
     return [fmt([r["metrics"][c] for r in runs if r["metrics"].get(c) is not None], c in PPL_TASKS, n) for c in columns]
 
 
-def table(entries, rows, tasks, chosen, seeds) -> str:
+def table_head(tasks: list[str]) -> list[str]:
     head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
-    lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
+    return [head, "|---|" + "---:|" * (3 * len(tasks))]
+
+
+def table(entries, rows, tasks, chosen, seeds) -> str:
+    lines = table_head(tasks)
     for method, label in rows:
         row = [c for t in tasks for c in cells(entries, method, t, chosen, seeds)]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -91,8 +95,7 @@ def paired_table(entries, rows, tasks, chosen, seeds, reference) -> str:
     """Each method minus `reference` on the same seed and task. A seed fixes the data order and the LoRA
     initialisation for every method, and the general stage for those that continue it, so most of the spread
     across seeds cancels in the difference."""
-    head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
-    lines = [head, "|---|" + "---:|" * (3 * len(tasks))]
+    lines = table_head(tasks)
     for method, label in rows:
         if method.example is None or method is reference:
             continue
