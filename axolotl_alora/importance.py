@@ -1,7 +1,12 @@
-"""Synaptic-Intelligence importance in LoRA's effective-weight space (METHOD.md §1, eqs. 8-15).
+"""Synaptic-Intelligence importance in LoRA's effective-weight space (docs/METHOD.md §1, eqs. 8-15).
 
 Pure tensor code: knows LoRA factors, gradients and learning rates, nothing of Axolotl.
 Every θ-space quantity is d_out×d_in, fp32, computed in place under no_grad.
+
+Two kinds of tracked parameters:
+- a LoRA module (linear or embedding), θ = W0 + s·B·A: g̃ and Δθ as in eqs. 13-14;
+- a full parameter (`lora_modules_to_save` copies, LoRA biases, trainable tokens): classic
+  element-wise SI, g̃ = its gradient, Δθ = its change.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import torch
 from torch import Tensor
 
 
-def equivalent_gradient(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, lr: float) -> Tensor:
-    """g̃_t = gB·A_t + B_t·gA − η_t·gB·gA  (eq. 13), as one rank-2r product."""
-    return torch.cat([grad_B, B], dim=1) @ torch.cat([A - lr * grad_A, grad_A], dim=0)
+def equivalent_gradient(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, lr: float, scaling: float = 1.0) -> Tensor:
+    """g̃_t = s·(gB·A_t + B_t·gA − η_t·gB·gA)  (eq. 13 with peft's scaling s), as one rank-2r product.
+
+    The outer s makes plain SGD on A and B move θ = W0 + s·B·A by exactly −η·g̃.
+    """
+    return scaling * (torch.cat([grad_B, B], dim=1) @ torch.cat([A - lr * grad_A, grad_A], dim=0))
 
 
 def weight_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor, scaling: float) -> Tensor:
@@ -41,16 +49,26 @@ def importance_from_omega(omega: Tensor, delta: Tensor, xi: float) -> tuple[Tens
     return raw.clamp_min_(0.0), clamped
 
 
+def _all_finite(*tensors: Tensor) -> Tensor:
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
 @dataclass
 class TrackedModule:
-    """One adapted module as the tracker sees it: its LoRA factors (live parameters) and scaling s."""
+    """One LoRA module as the tracker sees it: live factors A (r×d_in), B (d_out×r) and scaling s.
+
+    Keeps θ_0 (the stage's start) and θ_t (the factors after the last optimizer step). Between two
+    optimizer steps only the optimizer changes the parameters, so θ_t is also the next step's start,
+    and at the end it is the weights ω was recorded along, even if the Trainer later restores a best checkpoint.
+    """
 
     name: str
-    A: Tensor  # r×d_in parameter
-    B: Tensor  # d_out×r parameter
+    A: Tensor
+    B: Tensor
     scaling: float
     omega: Tensor = field(init=False)
-    # the step's starting point, snapshotted just before optimizer.step()
+    A_0: Tensor = field(init=False)
+    B_0: Tensor = field(init=False)
     A_t: Tensor = field(init=False)
     B_t: Tensor = field(init=False)
     grad_A: Tensor = field(init=False)
@@ -58,43 +76,146 @@ class TrackedModule:
     lr: float = 0.0
 
     def __post_init__(self):
-        dev = self.A.device
-        self.omega = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float32, device=dev)
-        self.A_t = torch.zeros(self.A.shape, dtype=torch.float32, device=dev)
-        self.B_t = torch.zeros(self.B.shape, dtype=torch.float32, device=dev)
-        self.grad_A = torch.zeros_like(self.A_t)
-        self.grad_B = torch.zeros_like(self.B_t)
+        self.omega = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float32, device=self.A.device)
+        self.grad_A = torch.zeros(self.A.shape, dtype=torch.float32, device=self.A.device)
+        self.grad_B = torch.zeros(self.B.shape, dtype=torch.float32, device=self.B.device)
+        self.start()
+
+    def start(self) -> None:
+        self.A_0, self.B_0 = self.A.detach().float().clone(), self.B.detach().float().clone()
+        self.A_t, self.B_t = self.A_0.clone(), self.B_0.clone()
+
+    def capture(self, lr: float) -> None:
+        if self.A.grad is None or self.B.grad is None:
+            raise RuntimeError(f"ALoRA: no gradient for {self.name} at the optimizer step; importance needs trainable LoRA factors.")
+        self.grad_A.copy_(self.A.grad)
+        self.grad_B.copy_(self.B.grad)
+        self.lr = lr
+
+    def finite(self) -> Tensor:
+        return _all_finite(self.grad_A, self.grad_B, self.A, self.B)
+
+    def accumulate(self) -> None:
+        """ω ← ω − g̃ ⊙ Δθ (eq. 14); both carry s, so s² goes into the coefficient."""
+        A1, B1 = self.A.float(), self.B.float()
+        g_tilde = equivalent_gradient(self.grad_A, self.grad_B, self.A_t, self.B_t, self.lr)
+        self.omega.addcmul_(g_tilde, _product_change(self.A_t, self.B_t, A1, B1), value=-self.scaling**2)
+
+    def advance(self) -> None:
+        self.A_t.copy_(self.A)
+        self.B_t.copy_(self.B)
+
+    def delta(self) -> Tensor:
+        """Δ^ν = s·(B_end·A_end − B_0·A_0)."""
+        return weight_change(self.A_0, self.B_0, self.A_t, self.B_t, self.scaling)
+
+    def reference(self) -> dict[str, Tensor]:
+        return {"lora_A": self.A_t.clone(), "lora_B": self.B_t.clone()}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"omega": self.omega, "start_A": self.A_0, "start_B": self.B_0}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.omega.copy_(tensors["omega"])
+        self.A_0.copy_(tensors["start_A"])
+        self.B_0.copy_(tensors["start_B"])
+
+
+@dataclass
+class TrackedParameter:
+    """A full trainable parameter: classic element-wise SI, ω ← ω − g ⊙ (θ_{t+1} − θ_t)."""
+
+    name: str
+    param: Tensor
+    omega: Tensor = field(init=False)
+    theta_0: Tensor = field(init=False)
+    theta_t: Tensor = field(init=False)
+    grad: Tensor = field(init=False)
+    lr: float = 0.0
+
+    def __post_init__(self):
+        self.omega = torch.zeros(self.param.shape, dtype=torch.float32, device=self.param.device)
+        self.grad = torch.zeros_like(self.omega)
+        self.start()
+
+    def start(self) -> None:
+        self.theta_0 = self.param.detach().float().clone()
+        self.theta_t = self.theta_0.clone()
+
+    def capture(self, lr: float) -> None:
+        if self.param.grad is None:
+            raise RuntimeError(f"ALoRA: no gradient for {self.name} at the optimizer step.")
+        self.grad.copy_(self.param.grad)
+        self.lr = lr
+
+    def finite(self) -> Tensor:
+        return _all_finite(self.grad, self.param)
+
+    def accumulate(self) -> None:
+        # −g·(θ_{t+1} − θ_t) = g·(θ_t − θ_{t+1}), formed in θ_t's buffer, which advance() then refills
+        self.omega.add_(self.theta_t.sub_(self.param).mul_(self.grad))
+
+    def advance(self) -> None:
+        self.theta_t.copy_(self.param)
+
+    def delta(self) -> Tensor:
+        return self.theta_t - self.theta_0
+
+    def reference(self) -> dict[str, Tensor]:
+        return {"reference": self.theta_t.clone()}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"omega": self.omega, "start": self.theta_0}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.omega.copy_(tensors["omega"])
+        self.theta_0.copy_(tensors["start"])
 
 
 class OmegaTracker:
     """Accumulates ω ← ω − g̃_t ⊙ Δθ_t once per optimizer step (eq. 14).
 
     Call `before_step(lrs)` when the gradients are final (accumulated and clipped) and
-    `after_step()` once the optimizer has updated the parameters.
+    `after_step(step)` once the optimizer has updated the parameters. A step whose gradients (or
+    resulting parameters) are not finite adds nothing: an fp16 step the grad scaler skipped has
+    Δθ = 0 and NaN gradients, and NaN·0 would poison ω for good. Such steps are listed in `skipped`.
     """
 
-    def __init__(self, modules: list[TrackedModule]):
+    def __init__(self, modules: list[TrackedModule | TrackedParameter]):
         self.modules = modules
         self.steps = 0
+        self.skipped: list[int] = []
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """θ_0 and θ_t from the live parameters (at the start of training, or after a resume loaded them)."""
+        for m in self.modules:
+            m.start()
 
     @torch.no_grad()
     def before_step(self, lrs: dict[str, float]) -> None:
         for m in self.modules:
-            if m.A.grad is None or m.B.grad is None:
-                raise RuntimeError(
-                    f"ALoRA: no gradient for {m.name} at the optimizer step; importance needs trainable LoRA factors."
-                )
-            m.A_t.copy_(m.A)
-            m.B_t.copy_(m.B)
-            m.grad_A.copy_(m.A.grad)
-            m.grad_B.copy_(m.B.grad)
-            m.lr = lrs[m.name]
+            m.capture(lrs[m.name])
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, step: int | None = None) -> None:
+        finite = bool(torch.stack([m.finite() for m in self.modules]).all())  # one host sync per step
         for m in self.modules:
-            A1, B1 = m.A.float(), m.B.float()
-            g_tilde = equivalent_gradient(m.grad_A, m.grad_B, m.A_t, m.B_t, m.lr)
-            # ω ← ω − g̃ ⊙ Δθ with Δθ = s·(product change): s goes into the coefficient, not a pass of its own
-            m.omega.addcmul_(g_tilde, _product_change(m.A_t, m.B_t, A1, B1), value=-m.scaling)
+            if finite:
+                m.accumulate()
+            m.advance()
+        if not finite:
+            self.skipped.append(self.steps if step is None else step)
         self.steps += 1
+
+    @torch.no_grad()
+    def importance(self, xi: float, previous: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], int]:
+        """Ω per module (eq. 15), plus Ω_old when continuing from an earlier file (continual use); and
+        the number of elements the clamp changed."""
+        out, clamped = {}, 0
+        for m in self.modules:
+            omega, n = importance_from_omega(m.omega.clone(), m.delta(), xi)
+            if previous is not None:
+                omega += previous[m.name].to(omega.device)
+            out[m.name], clamped = omega, clamped + n
+        return out, clamped

@@ -1,11 +1,18 @@
-"""The importance file (METHOD.md §5): safetensors only, written atomically, validated on read.
+"""The importance file (docs/METHOD.md §5): safetensors only, written atomically, validated on read.
 
-Tensors, per adapted module `<name>` (its peft module path without the `base_model.model.` prefix):
-    <name>.omega   Ω, d_out×d_in (float32 or bfloat16 storage)
+Tensors, per LoRA module `<name>` (its peft module path without the `base_model.model.` prefix; kind "lora"):
+    <name>.omega   Ω, d_out×d_in (float32 or bfloat16 storage); for an embedding LoRA, dim×vocab
     <name>.lora_A  reference A^ν, r×d_in, float32
     <name>.lora_B  reference B^ν, d_out×r, float32
+per full trainable parameter `<name>` (its parameter path; kind "full"):
+    <name>.omega      Ω, the parameter's shape
+    <name>.reference  θ^ν, float32
 plus `__base_fingerprint__`: a slice of the base model's input embeddings, to recognise the base model.
 Safetensors metadata: `format` = "alora-importance", `format_version`, and `alora` = a JSON object.
+
+Format versions: 2 has g̃ with its outer factor s (eq. 13). Version 1 (axolotl-alora 0.1) left s out of
+g̃, so an SI file's Ω was 1/s of the consistent value; it is read with each module's Ω multiplied by
+its recorded scaling. (A Fisher file's Ω never involved g̃ and is read as is.)
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ import torch
 from torch import Tensor
 
 FORMAT = "alora-importance"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FINGERPRINT_KEY = "__base_fingerprint__"
-SUFFIXES = ("omega", "lora_A", "lora_B")
+SUFFIXES = {"lora": ("omega", "lora_A", "lora_B"), "full": ("omega", "reference")}
 
 
 class ImportanceFileError(ValueError):
@@ -36,10 +43,19 @@ class ImportanceFile:
     lora_B: dict[str, Tensor]
     metadata: dict = field(default_factory=dict)
     fingerprint: Tensor | None = None
+    reference: dict[str, Tensor] = field(default_factory=dict)  # θ^ν of full parameters
+    format_version: int = FORMAT_VERSION  # as read; files are always written at FORMAT_VERSION
 
     @property
     def module_names(self) -> list[str]:
         return list(self.omega)
+
+    def kind(self, name: str) -> str:
+        return module_kind(self.metadata["modules"][name])
+
+
+def module_kind(entry: dict) -> str:
+    return entry.get("kind", "lora")
 
 
 def base_metadata(base_model: str, model, target_modules) -> dict:
@@ -59,12 +75,17 @@ def base_metadata(base_model: str, model, target_modules) -> dict:
     }
 
 
-def module_metadata(omega: Tensor, r: int, alpha: float, scaling: float, use_rslora: bool) -> dict:
-    """One entry of metadata["modules"]: the LoRA shape the reference adapter belongs to, and n_l = ‖Ω_l‖_F."""
+def module_metadata(omega: Tensor, r: int, alpha: float, scaling: float, use_rslora: bool, layer: str = "linear") -> dict:
+    """One entry of metadata["modules"] for a LoRA module: the LoRA shape the reference adapter belongs to, and n_l = ‖Ω_l‖_F."""
     return {
-        "shape": list(omega.shape), "r": int(r), "alpha": float(alpha), "scaling": float(scaling),
+        "kind": "lora", "layer": layer, "shape": list(omega.shape), "r": int(r), "alpha": float(alpha), "scaling": float(scaling),
         "use_rslora": bool(use_rslora), "norm": float(torch.linalg.vector_norm(omega.double())),
     }
+
+
+def parameter_metadata(omega: Tensor) -> dict:
+    """One entry of metadata["modules"] for a full trainable parameter."""
+    return {"kind": "full", "shape": list(omega.shape), "norm": float(torch.linalg.vector_norm(omega.double()))}
 
 
 def write_importance_file(path: str | os.PathLike, data: ImportanceFile, omega_dtype: str = "float32") -> Path:
@@ -75,11 +96,12 @@ def write_importance_file(path: str | os.PathLike, data: ImportanceFile, omega_d
     tensors = {}
     for name in data.omega:
         tensors[f"{name}.omega"] = data.omega[name].detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_A"] = data.lora_A[name].detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.lora_B"] = data.lora_B[name].detach().to("cpu", torch.float32).contiguous()
+        refs = {"reference": data.reference[name]} if name in data.reference else {"lora_A": data.lora_A[name], "lora_B": data.lora_B[name]}
+        for suffix, tensor in refs.items():
+            tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu", torch.float32).contiguous()
     if data.fingerprint is not None:
         tensors[FINGERPRINT_KEY] = data.fingerprint.detach().to("cpu", torch.float32).contiguous()
-    meta = {**data.metadata, "omega_dtype": omega_dtype}
+    meta = {k: v for k, v in data.metadata.items() if k != "format_version"} | {"omega_dtype": omega_dtype}
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "alora": json.dumps(meta)}
 
     path = Path(path)
@@ -106,7 +128,9 @@ def _umask() -> int:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The file's `alora` metadata, after checking it is a readable importance file (no tensor is loaded)."""
+    """The file's `alora` metadata, after checking it is a readable importance file (no tensor is loaded).
+
+    The key `format_version` is added: the version the file was written with."""
     from safetensors import safe_open
 
     path = _existing(path)
@@ -125,13 +149,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{header.get('format')!r}, expected {FORMAT!r}). Point alora_importance_path at the "
             f"alora_importance.safetensors written by the general stage."
         )
-    if int(header.get("format_version", -1)) > FORMAT_VERSION:
-        raise ImportanceFileError(f"{path} has format_version {header['format_version']}; this plugin reads up to {FORMAT_VERSION}. Upgrade axolotl-alora.")
+    version = int(header.get("format_version", -1))
+    if version > FORMAT_VERSION or version < 1:
+        raise ImportanceFileError(f"{path} has format_version {header.get('format_version')}; this plugin reads 1 to {FORMAT_VERSION}. Upgrade axolotl-alora.")
     try:
         meta = json.loads(header["alora"])
     except (KeyError, json.JSONDecodeError) as e:
         raise ImportanceFileError(f"{path}: its `alora` metadata is missing or not JSON ({e}).") from None
     _check_keys(path, meta, keys)
+    _check_scalings(path, meta)
+    meta["format_version"] = version
     return meta
 
 
@@ -141,13 +168,16 @@ def read_importance_file(path: str | os.PathLike, device: str | torch.device = "
 
     meta = read_metadata(path)
     path = Path(path)
-    data = ImportanceFile({}, {}, {}, meta)
+    data = ImportanceFile({}, {}, {}, meta, format_version=meta.pop("format_version"))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in meta["modules"]:
+            for name, entry in meta["modules"].items():
                 data.omega[name] = f.get_tensor(f"{name}.omega").float()
-                data.lora_A[name] = f.get_tensor(f"{name}.lora_A").float()
-                data.lora_B[name] = f.get_tensor(f"{name}.lora_B").float()
+                if module_kind(entry) == "full":
+                    data.reference[name] = f.get_tensor(f"{name}.reference").float()
+                else:
+                    data.lora_A[name] = f.get_tensor(f"{name}.lora_A").float()
+                    data.lora_B[name] = f.get_tensor(f"{name}.lora_B").float()
             if FINGERPRINT_KEY in f.keys():
                 data.fingerprint = f.get_tensor(FINGERPRINT_KEY)
     except ImportanceFileError:
@@ -155,8 +185,21 @@ def read_importance_file(path: str | os.PathLike, device: str | torch.device = "
     except Exception as e:
         raise ImportanceFileError(f"{path} could not be read completely ({e}); is it truncated? Re-run the general stage.") from None
     for name in data.omega:
-        _check_module(path, name, data.omega[name], data.lora_A[name], data.lora_B[name])
+        if name in data.reference:
+            _check_parameter(path, name, data.omega[name], data.reference[name])
+        else:
+            _check_module(path, name, data.omega[name], data.lora_A[name], data.lora_B[name])
+    if data.format_version == 1 and meta.get("source", "si") == "si":
+        _add_outer_scaling(data)
     return data
+
+
+def _add_outer_scaling(data: ImportanceFile) -> None:
+    """A version-1 SI file: its g̃ lacked the outer s, so Ω was 1/s of the version-2 value."""
+    for name, omega in data.omega.items():
+        entry = data.metadata["modules"][name]
+        omega.mul_(float(entry["scaling"]))
+        entry["norm"] = float(torch.linalg.vector_norm(omega.double()))
 
 
 def _existing(path) -> Path:
@@ -173,10 +216,32 @@ def _check_keys(path: Path, meta: dict, keys: list[str]) -> None:
     modules = meta.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise ImportanceFileError(f"{path}: metadata lists no modules; the file is damaged. Re-run the general stage.")
-    expected = {f"{n}.{s}" for n in modules for s in SUFFIXES}
+    unknown = sorted(n for n, e in modules.items() if module_kind(e) not in SUFFIXES)
+    if unknown:
+        raise ImportanceFileError(f"{path}: modules of unknown kind, e.g. {unknown[:3]}; upgrade axolotl-alora or re-run the general stage.")
+    expected = {f"{n}.{s}" for n, e in modules.items() for s in SUFFIXES[module_kind(e)]}
     missing = sorted(expected - set(keys))
     if missing:
         raise ImportanceFileError(f"{path}: tensors missing for listed modules, e.g. {missing[:3]}; the file is damaged.")
+
+
+def _check_scalings(path: Path, meta: dict) -> None:
+    """Each LoRA module's recorded s must be what peft applies for its r and alpha: the penalty and θ^ν use it."""
+    import math
+
+    for name, e in meta["modules"].items():
+        if module_kind(e) != "lora":
+            continue
+        try:
+            s, r, alpha = float(e["scaling"]), int(e["r"]), float(e["alpha"])
+        except (KeyError, TypeError, ValueError):
+            raise ImportanceFileError(f"{path}: module {name} lacks a numeric scaling, r or alpha in its metadata; the file is damaged.") from None
+        expected = alpha / (math.sqrt(r) if e.get("use_rslora") else r) if r > 0 else float("nan")
+        if not (math.isfinite(s) and s > 0 and math.isclose(s, expected, rel_tol=1e-6)):
+            raise ImportanceFileError(
+                f"{path}: module {name} records scaling {s} but r={r}, alpha={alpha}, use_rslora={bool(e.get('use_rslora'))} "
+                f"give {expected:g}; the file is damaged or was edited. Re-run the general stage."
+            )
 
 
 def _check_module(path: Path, name: str, omega: Tensor, A: Tensor, B: Tensor) -> None:
@@ -184,10 +249,22 @@ def _check_module(path: Path, name: str, omega: Tensor, A: Tensor, B: Tensor) ->
         raise ImportanceFileError(
             f"{path}: inconsistent shapes for {name}: omega {tuple(omega.shape)}, lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}."
         )
+    _check_omega(path, name, omega)
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ImportanceFileError(f"{path}: the reference adapter of {name} has NaN/Inf values; re-run the general stage.")
+
+
+def _check_parameter(path: Path, name: str, omega: Tensor, reference: Tensor) -> None:
+    if omega.shape != reference.shape:
+        raise ImportanceFileError(f"{path}: inconsistent shapes for {name}: omega {tuple(omega.shape)}, reference {tuple(reference.shape)}.")
+    _check_omega(path, name, omega)
+    if not torch.isfinite(reference).all():
+        raise ImportanceFileError(f"{path}: the reference value of {name} has NaN/Inf values; re-run the general stage.")
+
+
+def _check_omega(path: Path, name: str, omega: Tensor) -> None:
     bad = (~torch.isfinite(omega)).sum().item()
     if bad:
         raise ImportanceFileError(f"{path}: {name}.omega has {bad} NaN/Inf values; the general stage diverged. Re-run it (lower learning_rate, or max_grad_norm).")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise ImportanceFileError(f"{path}: the reference adapter of {name} has NaN/Inf values; re-run the general stage.")
     if (omega < 0).any():
-        raise ImportanceFileError(f"{path}: {name}.omega has negative values; importance must be ≥ 0 (METHOD.md §1 clamps it).")
+        raise ImportanceFileError(f"{path}: {name}.omega has negative values; importance must be ≥ 0 (docs/METHOD.md §1 clamps it).")

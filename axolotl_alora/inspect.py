@@ -18,12 +18,14 @@ def run(args) -> int:
     import torch
 
     from .importance_file import read_importance_file
-    from .regularizer import effective_layers, importance_norms, layer_weights
+    from .regularizer import effective_layers, importance_norms, layer_weights, uniform_softmax_note
 
     data = read_importance_file(args.file)
     meta = data.metadata
     print(f"importance file  {args.file}")
-    for key in ("source", "base_model", "stages", "steps", "tokens", "xi", "clamped_fraction", "omega_dtype", "created_by", "created_at"):
+    version_note = " (written without g̃'s outer s: Ω shown multiplied by each module's scaling)" if data.format_version == 1 and meta.get("source", "si") == "si" else ""
+    print(f"  {'format_version':<17}{data.format_version}{version_note}")
+    for key in ("source", "base_model", "stages", "steps", "skipped_steps", "tokens", "xi", "clamped_fraction", "omega_dtype", "created_by", "created_at"):
         if key in meta:
             print(f"  {key:<17}{meta[key]}")
     names = data.module_names
@@ -36,8 +38,9 @@ def run(args) -> int:
         row = "".join(f"{float(w[i]):>16.4g}" for w in weights.values())
         print(f"{name:<44}{shape:>12}{float(norms[i]):>12.4g}{mean:>11.3g}{row}")
     print(f"\neffective number of layers (of {len(names)}): " + ", ".join(f"{label} {effective_layers(w):.2f}" for label, w in weights.items()))
-    if effective_layers(weights["softmax τ=1"]) > 0.99 * len(names):
-        print("note: softmax with τ=1 is uniform to within 1% here (n_l ≪ 1); alora_softmax_temperature: auto gives a layer-wise effect.")
+    note = uniform_softmax_note(weights["softmax τ=1"], "softmax", 1.0)
+    if note:
+        print(f"note: {note}")
     if args.plot:
         plot_heatmap(names, norms.tolist(), args.plot)
         print(f"heatmap written to {args.plot}")

@@ -9,8 +9,8 @@ from axolotl.integrations.base import BasePlugin
 
 from .args import IMPORTANCE_FILENAME
 from .importance_file import ImportanceFile, ImportanceFileError, base_metadata, read_importance_file
-from .lora import LoraModule, adapted_modules, base_fingerprint, same_base_model
-from .regularizer import RegularizedModule, Regularizer, effective_layers, importance_norms, layer_weights
+from .lora import adapted_modules, base_fingerprint, full_parameters, same_base_model
+from .regularizer import Regularizer, build_regularizer
 
 LOG = logging.getLogger("axolotl.alora")
 
@@ -38,20 +38,30 @@ class AloraPlugin(BasePlugin):
         self.previous = read_importance_file(cfg.alora_importance_path)
         meta = self.previous.metadata
         LOG.info(
-            "ALoRA: read importance for %d modules from %s (source %s, %s steps, base %s)",
-            len(self.previous.omega), cfg.alora_importance_path, meta.get("source"), meta.get("steps"), meta.get("base_model"),
+            "ALoRA: read importance for %d modules from %s (format version %d, source %s, %s steps, base %s)",
+            len(self.previous.omega), cfg.alora_importance_path, self.previous.format_version, meta.get("source"),
+            meta.get("steps"), meta.get("base_model"),
         )
 
     def post_model_load(self, cfg, model):
         if not alora_enabled(cfg):
             return
         modules = adapted_modules(model)
+        parameters = full_parameters(model, modules)
+        if parameters:
+            LOG.info(
+                "ALoRA: %d trainable parameters outside LoRA's factors (%s) get element-wise SI importance in their own space",
+                len(parameters), ", ".join(p.name for p in parameters[:3]) + (", …" if len(parameters) > 3 else ""),
+            )
         fingerprint = base_fingerprint(model)
         if self.previous is not None:
             path = cfg.alora_importance_path
-            check_modules_match(self.previous, modules, path)
+            check_modules_match(self.previous, modules + parameters, path)
             check_base_model(self.previous, fingerprint, cfg)
-            self.regularizer = build_regularizer(self.previous, modules, cfg)
+            self.regularizer = build_regularizer(
+                self.previous, modules, parameters, cfg.alora_layer_weighting, cfg.alora_softmax_temperature, cfg.alora_importance_normalization,
+            )
+            LOG.info("ALoRA: phi %g", float(cfg.alora_phi))
         if cfg.alora_record_importance:
             from .callbacks import ImportanceRecorder
 
@@ -64,6 +74,7 @@ class AloraPlugin(BasePlugin):
                 fingerprint=fingerprint,
                 previous=self.previous,
                 resume_from_checkpoint=cfg.resume_from_checkpoint,
+                parameters=parameters,
             )
         else:
             self.previous = None  # the regularizer holds what it needs
@@ -97,18 +108,18 @@ class AloraPlugin(BasePlugin):
         return [self.recorder] if self.recorder is not None else []
 
 
-def check_modules_match(data: ImportanceFile, modules: list[LoraModule], path) -> None:
-    """The file's modules and shapes must be exactly the model's LoRA modules; name the first mismatches."""
-    ours = {m.name: m.shape for m in modules}
+def check_modules_match(data: ImportanceFile, modules: list, path) -> None:
+    """The file's modules and shapes must be exactly the model's LoRA modules and full parameters; name the first mismatches."""
+    shapes = {m.name: tuple(m.shape) for m in modules}
     theirs = {n: tuple(o.shape) for n, o in data.omega.items()}
-    problems = [f"{n}: in the model, not in the file" for n in ours if n not in theirs]
-    problems += [f"{n}: in the file, not in the model" for n in theirs if n not in ours]
-    problems += [f"{n}: shape {ours[n]} in the model, {theirs[n]} in the file" for n in ours if n in theirs and ours[n] != theirs[n]]
+    problems = [f"{n}: in the model, not in the file" for n in shapes if n not in theirs]
+    problems += [f"{n}: in the file, not in the model" for n in theirs if n not in shapes]
+    problems += [f"{n}: shape {tuple(shapes[n])} in the model, {theirs[n]} in the file" for n in shapes if n in theirs and tuple(shapes[n]) != theirs[n]]
     if problems:
         raise ImportanceFileError(
-            f"{path} does not match this model's LoRA modules ({len(problems)} differences; first: "
+            f"{path} does not match this model's LoRA modules and trainable parameters ({len(problems)} differences; first: "
             + "; ".join(problems[:3])
-            + "). Use the same base model and lora_target_modules as the general stage (or its lora_model_dir)."
+            + "). Use the same base model, lora_target_modules and lora_modules_to_save as the general stage (or its lora_model_dir)."
         )
 
 
@@ -123,44 +134,3 @@ def check_base_model(data: ImportanceFile, fingerprint, cfg) -> None:
     if not cfg.alora_allow_base_model_mismatch:
         raise ImportanceFileError(message + ", or set alora_allow_base_model_mismatch: true to use it anyway.")
     LOG.warning("ALoRA: %s; continuing because alora_allow_base_model_mismatch is set.", message)
-
-
-def build_regularizer(data: ImportanceFile, modules: list[LoraModule], cfg) -> Regularizer:
-    """Ω and θ^ν from the file, layer weights from n_l = ‖Ω_l‖_F (eq. 17), optional mean normalization (§4)."""
-    import torch
-
-    names = [m.name for m in modules]
-    norms = importance_norms([data.omega[n] for n in names])
-    weights = layer_weights(norms, cfg.alora_layer_weighting, cfg.alora_softmax_temperature)
-    normalizer = 1.0
-    if cfg.alora_importance_normalization == "mean":
-        total = sum(float(data.omega[n].double().sum()) for n in names)
-        normalizer = total / sum(data.omega[n].numel() for n in names)
-        if not normalizer > 0:
-            raise ImportanceFileError(f"{cfg.alora_importance_path}: Ω is zero everywhere; mean normalization is undefined.")
-    file_modules = data.metadata["modules"]
-    regularized = []
-    for m, w in zip(modules, weights.tolist()):
-        device = m.A.device
-        # θ^ν = s_ν·B^ν·A^ν with the general stage's scaling, written as s·(ratio·B^ν)·A^ν
-        ratio = float(file_modules[m.name]["scaling"]) / m.scaling
-        regularized.append(
-            RegularizedModule(
-                name=m.name, A=m.A, B=m.B, scaling=m.scaling,
-                omega=data.omega[m.name].to(device, torch.float32),
-                A_ref=data.lora_A[m.name].to(device, torch.float32),
-                B_ref=(data.lora_B[m.name] * ratio if ratio != 1.0 else data.lora_B[m.name]).to(device, torch.float32),
-                coefficient=w / normalizer,
-            )
-        )
-    n_eff = effective_layers(weights)
-    LOG.info(
-        "ALoRA: regularizing %d modules, layer weighting %s (effective layers %.2f), normalization %s, phi %g",
-        len(modules), cfg.alora_layer_weighting, n_eff, cfg.alora_importance_normalization, float(cfg.alora_phi),
-    )
-    if cfg.alora_layer_weighting == "softmax" and n_eff > 0.99 * len(modules):
-        LOG.warning(
-            "ALoRA: softmax layer weights are uniform to within 1%% (effective layers %.2f of %d): n_l = ||Ω_l|| is "
-            "small next to the temperature. Set alora_softmax_temperature: auto for a layer-wise effect.", n_eff, len(modules),
-        )
-    return Regularizer(regularized)

@@ -1,21 +1,27 @@
-"""Layer weights (eq. 17) and the element-wise regularizer L_reg (eq. 16), METHOD.md §2-3.
+"""Layer weights (eq. 17) and the element-wise regularizer L_reg (eq. 16), docs/METHOD.md §2-3.
 
-Pure tensor code. For module l with reference adapter (A^ν, B^ν) and importance Ω_l:
+Tensor code, plus `build_regularizer`, which builds one from an importance file. For LoRA module l
+with reference adapter (A^ν, B^ν) and importance Ω_l:
 
     L_reg,l = Σ_i Ω_i (θ_i − θ^ν_i)²,   θ − θ^ν = s·(B·A − B^ν·A^ν)
     L_reg   = Σ_l c_l · L_reg,l,         c_l = w_l / normalizer
 
 The value and its gradients w.r.t. A and B are computed together in one pass over Ω (see
 `quadratic_penalty`), so autograd never stores a d_out×d_in tensor, and the result is reused by
-every micro-batch of one optimizer step.
+every micro-batch of one optimizer step. A full trainable parameter contributes Σ Ω (θ − θ^ν)² in its own space.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .importance_file import ImportanceFile, ImportanceFileError
+
+LOG = logging.getLogger("axolotl.alora")
 
 LAYER_WEIGHTINGS = ("softmax", "uniform", "none")
 
@@ -87,7 +93,7 @@ class _Precomputed(torch.autograd.Function):
 
 @dataclass
 class RegularizedModule:
-    """One adapted module with what stage ν left for it: Ω and the reference adapter (fp32)."""
+    """One LoRA module with what stage ν left for it: Ω and the reference adapter (fp32)."""
 
     name: str
     A: Tensor  # live parameters
@@ -98,37 +104,122 @@ class RegularizedModule:
     B_ref: Tensor
     coefficient: float = 1.0  # c_l = w_l / normalizer
 
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return (self.A, self.B)
+
+    def penalty(self) -> tuple[Tensor, list[Tensor]]:
+        value, grad_A, grad_B = quadratic_penalty(self.A, self.B, self.omega, self.A_ref, self.B_ref, self.scaling)
+        return value, [grad_A, grad_B]
+
+
+@dataclass
+class RegularizedParameter:
+    """A full trainable parameter: L_reg,l = Σ Ω (θ − θ^ν)², dL/dθ = 2·Ω⊙(θ − θ^ν)."""
+
+    name: str
+    param: Tensor
+    omega: Tensor
+    reference: Tensor
+    coefficient: float = 1.0
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return (self.param,)
+
+    def penalty(self) -> tuple[Tensor, list[Tensor]]:
+        weighted = self.omega * (self.param.float() - self.reference)  # Ω⊙(θ − θ^ν)
+        value = torch.dot(weighted.view(-1), (self.param.float() - self.reference).view(-1))
+        return value, [weighted.mul_(2.0)]
+
 
 class Regularizer:
-    """L_reg = Σ_l c_l·L_reg,l with gradients; computed once per parameter update.
+    """L_reg = Σ_l c_l·L_reg,l with its gradients, computed once per optimizer step.
 
-    The parameters' version counters change only when the optimizer updates them, so all
-    micro-batches of one optimizer step share one pass over Ω.
+    `step` is the Trainer's optimizer-step counter (`state.global_step`): every micro-batch of one
+    step sees the same parameters and shares one pass over Ω. Keying on the step, not on a
+    parameter's `_version`, matters: fused and bitsandbytes optimizers update parameters in place
+    without bumping `_version`, so a version-keyed cache would freeze the penalty at its first value.
+    Without a step (direct use), every call recomputes.
     """
 
-    def __init__(self, modules: list[RegularizedModule]):
+    def __init__(self, modules: list[RegularizedModule | RegularizedParameter]):
         self.modules = modules
-        self._params = [p for m in modules for p in (m.A, m.B)]
-        self._key = None
+        self._params = [p for m in modules for p in m.params]
+        self._step = None
         self._value = None
         self._grads: list[Tensor] = []
-
-    def _versions(self):
-        return tuple(p._version for p in self._params)
 
     @torch.no_grad()
     def _compute(self) -> None:
         total = torch.zeros((), dtype=torch.float32, device=self._params[0].device)
         grads = []
         for m in self.modules:
-            value, grad_A, grad_B = quadratic_penalty(m.A, m.B, m.omega, m.A_ref, m.B_ref, m.scaling)
+            value, module_grads = m.penalty()
             total += m.coefficient * value
-            grads += [grad_A.mul_(m.coefficient), grad_B.mul_(m.coefficient)]
+            grads += [g.mul_(m.coefficient) for g in module_grads]
         self._value, self._grads = total, grads
 
-    def __call__(self) -> Tensor:
-        key = self._versions()
-        if key != self._key:
+    def __call__(self, step: int | None = None) -> Tensor:
+        if step is None or step != self._step:
             self._compute()
-            self._key = key
+            self._step = step
         return _Precomputed.apply(self._value, len(self._params), *self._params, *self._grads)
+
+
+def build_regularizer(data: ImportanceFile, modules: list, parameters: list, weighting: str = "softmax",
+                      temperature: float | str = 1.0, normalization: str = "none") -> Regularizer:
+    """The regularizer for a model's LoRA modules and full parameters from an importance file (eqs. 16-17).
+
+    Layer weights come from n_l = ‖Ω_l‖_F over all of them; `normalization: mean` divides Ω by its mean
+    over all elements (docs/METHOD.md §4) and never changes the layer weights. The reference θ^ν =
+    s_ν·B^ν·A^ν keeps the general stage's scaling s_ν, written as s·((s_ν/s)·B^ν)·A^ν.
+    """
+    names = [m.name for m in modules] + [p.name for p in parameters]
+    norms = importance_norms([data.omega[n] for n in names])
+    weights = layer_weights(norms, weighting, temperature).tolist()
+    normalizer = 1.0
+    if normalization == "mean":
+        normalizer = sum(float(data.omega[n].double().sum()) for n in names) / sum(data.omega[n].numel() for n in names)
+        if not normalizer > 0:
+            raise ImportanceFileError("Ω is zero everywhere in the importance file; mean normalization is undefined.")
+    entries = data.metadata["modules"]
+    regularized: list[RegularizedModule | RegularizedParameter] = []
+    for m, w in zip(modules, weights):
+        ratio = float(entries[m.name]["scaling"]) / m.scaling
+        device = m.A.device
+        regularized.append(RegularizedModule(
+            name=m.name, A=m.A, B=m.B, scaling=m.scaling,
+            omega=data.omega[m.name].to(device, torch.float32),
+            A_ref=data.lora_A[m.name].to(device, torch.float32),
+            B_ref=(data.lora_B[m.name] * ratio).to(device, torch.float32),
+            coefficient=w / normalizer,
+        ))
+    for p, w in zip(parameters, weights[len(modules):]):
+        device = p.param.device
+        regularized.append(RegularizedParameter(
+            name=p.name, param=p.param,
+            omega=data.omega[p.name].to(device, torch.float32),
+            reference=data.reference[p.name].to(device, torch.float32),
+            coefficient=w / normalizer,
+        ))
+    n_eff = effective_layers(torch.tensor(weights))
+    LOG.info("ALoRA: regularizing %d LoRA modules and %d full parameters, layer weighting %s (effective layers %.2f), normalization %s",
+             len(modules), len(parameters), weighting, n_eff, normalization)
+    warn_if_uniform(torch.tensor(weights), weighting, temperature)
+    return Regularizer(regularized)
+
+
+def uniform_softmax_note(weights: Tensor, weighting: str, temperature: float | str) -> str | None:
+    """The note for softmax layer weights that are uniform to within 1% (n_l ≪ τ), or None."""
+    n = len(weights)
+    if weighting != "softmax" or temperature == "auto" or effective_layers(weights) <= 0.99 * n:
+        return None
+    return (f"softmax layer weights are uniform to within 1% (effective layers {effective_layers(weights):.2f} of {n}): "
+            "n_l = ||Ω_l|| is small next to the temperature. Set alora_softmax_temperature: auto for a layer-wise effect.")
+
+
+def warn_if_uniform(weights: Tensor, weighting: str, temperature: float | str) -> None:
+    note = uniform_softmax_note(weights, weighting, temperature)
+    if note:
+        LOG.warning("ALoRA: %s", note)

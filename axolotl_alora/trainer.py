@@ -1,4 +1,4 @@
-"""The domain-stage trainer: L = L_task + φ·L_reg (eq. 18), with the regularizer's logging (METHOD.md §4)."""
+"""The domain-stage trainer: L = L_task + φ·L_reg (eq. 18), with the regularizer's logging (docs/METHOD.md §4)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,22 @@ NO_EFFECT_RATIO = 1e-4
 
 
 class AloraTrainer(AxolotlTrainer):
-    """AxolotlTrainer plus φ·L_reg once per micro-batch, scaled like the task loss under accumulation."""
+    """AxolotlTrainer plus φ·L_reg once per micro-batch, scaled like the task loss under accumulation.
+
+    The logged `loss` (and Axolotl's `ppl`) stay the task loss; the penalty is logged on its own.
+    """
 
     alora_regularizer = None  # a regularizer.Regularizer, attached by the plugin in post_trainer_create
     alora_phi: float = 0.0
+    _alora_penalty = None  # φ·L_reg's share of the value training_step returns, for the micro-batch in flight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self.alora_regularizer is None or not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
-        reg = self.alora_regularizer()
+        # one pass over Ω per optimizer step: all micro-batches of a step see the same parameters
+        reg = self.alora_regularizer(self.state.global_step)
         # transformers divides the returned loss by the accumulation steps unless the model normalises
         # by num_items_in_batch itself; then the penalty must be divided here to mean φ per optimizer step
         divided_later = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
@@ -30,7 +35,15 @@ class AloraTrainer(AxolotlTrainer):
         self._alora_record(reg.detach(), penalty.detach() / loss.detach())
         if self.alora_phi != 0:
             loss = loss + penalty
+            self._alora_penalty = self.alora_phi * reg.detach() / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._alora_penalty = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._alora_penalty is not None:
+            loss = loss - self._alora_penalty.to(loss.dtype)  # the backward saw the penalty; the log reports L_task
+        return loss
 
     def _alora_record(self, reg: torch.Tensor, ratio: torch.Tensor) -> None:
         # device-side sums: no host sync per micro-batch; read at logging steps only

@@ -161,7 +161,8 @@ def test_file_drives_the_regularizer_as_ewc(tiny_model_dir, fisher_run):
     from axolotl.utils.dict import DictDefault
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_alora.plugin import build_regularizer, check_base_model, check_modules_match
+    from axolotl_alora.plugin import check_base_model, check_modules_match
+    from axolotl_alora.regularizer import build_regularizer
 
     out, _, _ = fisher_run
     data = read_importance_file(out)
@@ -176,7 +177,7 @@ def test_file_drives_the_regularizer_as_ewc(tiny_model_dir, fisher_run):
                       alora_importance_normalization="none", base_model=str(tiny_model_dir))
     check_modules_match(data, modules, out)
     check_base_model(data, base_fingerprint(model), cfg)
-    reg = build_regularizer(data, modules, cfg)
+    reg = build_regularizer(data, modules, [], cfg.alora_layer_weighting, cfg.alora_softmax_temperature, cfg.alora_importance_normalization)
     value = reg()
 
     expected = 0.0  # EWC: Σ_l Σ_i F_i (θ_i − W0_i)² with θ − W0 = s·B·A, every layer weight 1

@@ -5,7 +5,7 @@ import math
 import torch
 
 from axolotl_alora.cli import main
-from axolotl_alora.importance_file import ImportanceFile, write_importance_file
+from axolotl_alora.importance_file import ImportanceFile, module_metadata, write_importance_file
 from axolotl_alora.inspect import layer_and_type
 
 
@@ -14,7 +14,7 @@ def _file(tmp_path):
     names = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
     omega = {n: torch.rand(4, 3, generator=g) * (k + 1) for k, n in enumerate(names)}
     data = ImportanceFile(omega, {n: torch.zeros(2, 3) for n in names}, {n: torch.zeros(4, 2) for n in names},
-                          {"source": "si", "steps": 5, "modules": {n: {} for n in names}})
+                          {"source": "si", "steps": 5, "modules": {n: module_metadata(omega[n], 2, 4.0, 2.0, False) for n in names}})
     return write_importance_file(tmp_path / "imp.safetensors", data), omega
 
 

@@ -58,12 +58,12 @@ def test_adapted_modules_and_scaling_match_peft(tiny_model_dir, rslora):
 
 
 def test_regularizer_gradient_matches_autograd_through_peft(tiny_model_dir):
-    from axolotl_alora.plugin import build_regularizer
+    from axolotl_alora.regularizer import build_regularizer
 
     model = _peft_model(tiny_model_dir, use_rslora=True)
     modules = adapted_modules(model)
     data = _file_for(modules, scaling=3.0)  # a general stage with another s: θ^ν = 3·B^ν·A^ν
-    reg = build_regularizer(data, modules, _cfg(alora_importance_normalization="mean"))
+    reg = build_regularizer(data, modules, [], "softmax", 1.0, "mean")
     value = reg()
     value.backward()
     ours = {m.name: (m.A.grad.clone(), m.B.grad.clone()) for m in modules}
@@ -87,12 +87,12 @@ def test_regularizer_gradient_matches_autograd_through_peft(tiny_model_dir):
 
 
 def test_normalization_never_changes_layer_weights(tiny_model_dir):
-    from axolotl_alora.plugin import build_regularizer
+    from axolotl_alora.regularizer import build_regularizer
 
     modules = adapted_modules(_peft_model(tiny_model_dir))
     data = _file_for(modules)
-    raw = build_regularizer(data, modules, _cfg(alora_layer_weighting="softmax", alora_softmax_temperature="auto"))
-    mean = build_regularizer(data, modules, _cfg(alora_layer_weighting="softmax", alora_softmax_temperature="auto", alora_importance_normalization="mean"))
+    raw = build_regularizer(data, modules, [], "softmax", "auto", "none")
+    mean = build_regularizer(data, modules, [], "softmax", "auto", "mean")
     m = float(torch.cat([o.flatten() for o in data.omega.values()]).double().mean())
     for a, b in zip(raw.modules, mean.modules):
         assert b.coefficient == pytest.approx(a.coefficient / m)

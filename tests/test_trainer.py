@@ -1,5 +1,7 @@
 """AloraTrainer.compute_loss: φ·L_reg scaled like the task loss on both of transformers' accumulation paths."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
@@ -20,7 +22,8 @@ def _trainer(monkeypatch, accepts_loss_kwargs, phi=0.5, ga=4):
     trainer.compute_loss_func = None
     trainer.current_gradient_accumulation_steps = ga
     trainer.alora_phi = phi
-    trainer.alora_regularizer = lambda: torch.tensor(3.0)
+    trainer.alora_regularizer = lambda step=None: torch.tensor(3.0)
+    trainer.state = SimpleNamespace(global_step=0)
     return trainer
 
 
@@ -50,7 +53,7 @@ def test_no_penalty_in_eval_or_at_phi_zero(monkeypatch):
 
 def test_log_reports_means_at_full_precision_and_resets(monkeypatch):
     trainer = _trainer(monkeypatch, False)
-    trainer.alora_regularizer = lambda: torch.tensor(1.234567e-9)
+    trainer.alora_regularizer = lambda step=None: torch.tensor(1.234567e-9)
     trainer.compute_loss(_Model(), {})
     trainer.compute_loss(_Model(), {})
     seen = {}

@@ -1,0 +1,80 @@
+"""The general stage's recorder: non-finite importance is refused and overwrites nothing; the reference is the
+end of training even when the Trainer restores another checkpoint afterwards (load_best_model_at_end)."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from axolotl_alora.callbacks import ImportanceRecorder, NonFiniteImportanceError
+from axolotl_alora.importance_file import read_importance_file
+from axolotl_alora.lora import LoraModule
+
+
+def _recorder(tmp_path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.nn.Parameter(torch.randn(2, 5, generator=g) * 0.3)
+    B = torch.nn.Parameter(torch.randn(6, 2, generator=g) * 0.3)
+    module = LoraModule("model.layers.0.self_attn.q_proj", A, B, scaling=2.0, r=2, alpha=4.0, use_rslora=False)
+    recorder = ImportanceRecorder([module], tmp_path / "alora_importance.safetensors", xi=0.1, omega_dtype="float32", metadata={})
+    x, y = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g)
+    opt = torch.optim.SGD([A, B], lr=0.1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, num_input_tokens_seen=0)
+    recorder.on_train_begin(None, state, None)
+
+    def step(poison=False, skip=False):
+        opt.zero_grad()
+        ((x @ (2.0 * B @ A).T - y) ** 2).mean().backward()
+        if poison or skip:  # an fp16 overflow
+            A.grad[0, 0] = float("nan")
+        recorder.on_pre_optimizer_step(None, state, None, optimizer=opt)
+        if not skip:  # a grad scaler skips the step; an optimizer without one steps on the NaN
+            opt.step()
+        recorder.on_optimizer_step(None, state, None)
+        state.global_step += 1
+
+    return recorder, state, step, (A, B)
+
+
+def test_non_finite_importance_is_refused_names_the_steps_and_keeps_the_old_file(tmp_path):
+    recorder, state, step, _ = _recorder(tmp_path)
+    old = tmp_path / "alora_importance.safetensors"
+    old.write_bytes(b"the previous run's file")
+    step()
+    step(poison=True)
+    step()
+    with pytest.raises(NonFiniteImportanceError) as err:
+        recorder.on_train_end(None, state, None)
+    message = str(err.value)
+    assert "non-finite gradients or weights: 1, 2" in message and "Nothing was written" in message
+    assert old.read_bytes() == b"the previous run's file"
+    assert not list(tmp_path.glob(".alora_importance*")), "no temp file left behind"
+
+
+def test_skipped_steps_are_recorded_in_the_file(tmp_path):
+    recorder, state, step, _ = _recorder(tmp_path)
+    step()
+    step(skip=True)
+    step()
+    recorder.on_train_end(None, state, None)
+    data = read_importance_file(tmp_path / "alora_importance.safetensors")
+    assert data.metadata["skipped_steps"] == [1] and data.metadata["steps"] == 3
+
+
+def test_reference_is_the_end_of_training_not_a_restored_checkpoint(tmp_path, caplog):
+    recorder, state, step, (A, B) = _recorder(tmp_path)
+    for _ in range(3):
+        step()
+    end_A, end_B = A.detach().clone(), B.detach().clone()
+    with torch.no_grad():  # load_best_model_at_end restores an earlier checkpoint after the last step
+        A.mul_(0.5)
+        B.mul_(0.5)
+    with caplog.at_level(logging.WARNING, logger="axolotl.alora"):
+        data = recorder.importance()
+    name = recorder.tracker.modules[0].name
+    assert torch.equal(data.lora_A[name], end_A) and torch.equal(data.lora_B[name], end_B)
+    delta = 2.0 * (end_B.double() @ end_A.double() - recorder.tracker.modules[0].B_0.double() @ recorder.tracker.modules[0].A_0.double())
+    expected = (recorder.tracker.modules[0].omega.double() / (delta**2 + 0.1)).clamp_min(0)
+    torch.testing.assert_close(data.omega[name].double(), expected, rtol=1e-5, atol=1e-12)
+    assert "load_best_model_at_end" in caplog.text
