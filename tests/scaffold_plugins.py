@@ -43,3 +43,94 @@ _cpu_device_map()
 
 class CpuDdpPlugin(BasePlugin):
     """With ACCELERATE_USE_CPU=true in the environment, lets `torchrun --nproc_per_node 2` run real DDP on CPU (gloo)."""
+
+
+# -- an independent audit of the regularizer and of ω inside a real `axolotl train` (tests/test_optimizers.py) --------
+
+
+def _dense_penalty(modules):
+    """L_reg from the live parameters on dense θ in float64, differentiated by plain autograd (no cache, no factoring)."""
+    leaves, total = [], 0.0
+    for m in modules:
+        if hasattr(m, "A"):
+            A = m.A.detach().double().requires_grad_()
+            B = m.B.detach().double().requires_grad_()
+            d = m.scaling * (B @ A - m.B_ref.double() @ m.A_ref.double())
+            leaves += [A, B]
+        else:
+            p = m.param.detach().double().requires_grad_()
+            d = p - m.reference.double()
+            leaves.append(p)
+        total = total + m.coefficient * (m.omega.double() * d * d).sum()
+    grads = torch.autograd.grad(total, leaves)
+    return float(total), grads
+
+
+class _AuditedRegularizer:
+    def __init__(self, inner, trainer):
+        self.inner, self.trainer, self.records = inner, trainer, []
+
+    def __call__(self, step=None):
+        out = self.inner(step)
+        params = [p for m in self.inner.modules for p in m.params]
+        ours = torch.autograd.grad(out, params, retain_graph=True)
+        dense, grads = _dense_penalty(self.inner.modules)
+        err = max(float((a.double() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, grads))
+        self.records.append({"step": step, "global_step": self.trainer.state.global_step, "ours": float(out), "dense": dense, "grad_err": err})
+        return out
+
+
+class _OmegaAudit(TrainerCallback):
+    """ω of eqs. 13-14 recomputed on dense float64 θ = s·B·A, from the same hooks the Trainer calls."""
+
+    def __init__(self, modules, audited, out_dir):
+        self.modules, self.audited, self.out_dir = modules, audited, out_dir
+
+    def _dense(self, m):
+        return m.scaling * (m.B.detach().double() @ m.A.detach().double())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = {m.name: self._dense(m) for m in self.modules}
+        self.omega = {m.name: torch.zeros_like(self.start[m.name]) for m in self.modules}
+        self.steps = 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        self.before = {m.name: (m.A.detach().double().clone(), m.B.detach().double().clone(), m.A.grad.double().clone(),
+                                m.B.grad.double().clone(), lr[id(m.A)]) for m in self.modules}
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steps += 1
+        for m in self.modules:
+            A, B, gA, gB, lr = self.before[m.name]
+            g_tilde = m.scaling * (gB @ A + B @ gA - lr * gB @ gA)
+            d_theta = self._dense(m) - m.scaling * (B @ A)
+            self.omega[m.name] -= g_tilde * d_theta
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for m in self.modules:
+            tensors[f"{m.name}.omega"] = self.omega[m.name].contiguous()
+            tensors[f"{m.name}.delta"] = (self._dense(m) - self.start[m.name]).contiguous()
+        save_file(tensors, str(Path(self.out_dir) / "audit_omega.safetensors"))
+        records = self.audited.records if self.audited is not None else []
+        (Path(self.out_dir) / "audit.json").write_text(json.dumps({"penalty": records, "steps": self.steps}))
+
+
+class AuditPlugin(BasePlugin):
+    """Listed after axolotl_alora.AloraPlugin: wraps its regularizer and tracks ω independently."""
+
+    def add_callbacks_post_trainer(self, cfg, trainer):  # Axolotl calls this before post_trainer_create
+        from axolotl_alora.lora import adapted_modules
+
+        self._callback = _OmegaAudit(adapted_modules(trainer.model), None, cfg.output_dir)
+        return [self._callback]
+
+    def post_trainer_create(self, cfg, trainer):
+        if getattr(trainer, "alora_regularizer", None) is not None:
+            trainer.alora_regularizer = self._callback.audited = _AuditedRegularizer(trainer.alora_regularizer, trainer)
