@@ -18,7 +18,7 @@ def _data(nan=False, negative=False):
         omega[names[1]][2, 3] = float("nan")
     if negative:
         omega[names[0]][0, 0] = -1.0
-    modules = {n: {"shape": [6, 5], "r": 2, "alpha": 4, "scaling": 2.0, "use_rslora": False, "norm": 1.0} for n in names}
+    modules = {n: {"kind": "lora", "shape": [6, 5], "r": 2, "alpha": 4, "scaling": 2.0, "use_rslora": False, "norm": 1.0} for n in names}
     return ImportanceFile(
         omega=omega,
         lora_A={n: torch.randn(2, 5, generator=g) for n in names},
@@ -142,3 +142,86 @@ def test_newer_format_version_is_refused(tmp_path):
     save_file({"x": torch.ones(1)}, str(path), metadata={"format": f.FORMAT, "format_version": "99", "alora": json.dumps({})})
     with pytest.raises(ImportanceFileError, match="format_version 99"):
         read_metadata(path)
+
+
+def _as_version_1(path):
+    """Rewrite a file's header as axolotl-alora 0.1 wrote it: format_version 1, no `kind` in the module entries."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        header = handle.metadata()
+    meta = json.loads(header["alora"])
+    for entry in meta["modules"].values():
+        entry.pop("kind", None)
+    save_file(tensors, str(path), metadata={**header, "format_version": "1", "alora": json.dumps(meta)})
+    return path
+
+
+def test_written_files_are_version_2(tmp_path):
+    path = write_importance_file(tmp_path / "imp.safetensors", _data())
+    assert read_importance_file(path).format_version == 2 == f.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.5])
+def test_version_1_si_file_is_read_with_omega_times_its_scaling(tmp_path, scaling):
+    """Version 1 left the outer s out of g̃ (Ω was 1/s of the consistent value): multiply it back on read."""
+    data = _data()
+    for entry in data.metadata["modules"].values():
+        entry.update(alpha=2 * scaling, scaling=scaling)  # r = 2
+    path = _as_version_1(write_importance_file(tmp_path / "imp.safetensors", data))
+    back = read_importance_file(path)
+    assert back.format_version == 1
+    for n, omega in data.omega.items():
+        torch.testing.assert_close(back.omega[n], omega * scaling)
+        assert back.metadata["modules"][n]["norm"] == pytest.approx(float(torch.linalg.vector_norm((omega * scaling).double())))
+        assert torch.equal(back.lora_A[n], data.lora_A[n])
+
+
+def test_version_1_fisher_file_is_read_as_is(tmp_path):
+    data = _data()
+    data.metadata["source"] = "fisher"  # F of W0 never went through g̃
+    path = _as_version_1(write_importance_file(tmp_path / "imp.safetensors", data))
+    back = read_importance_file(path)
+    for n, omega in data.omega.items():
+        assert torch.equal(back.omega[n], omega)
+
+
+def test_inspect_says_which_version_it_read(tmp_path, capsys):
+    from axolotl_alora.cli import main
+
+    path = write_importance_file(tmp_path / "imp.safetensors", _data())
+    assert main(["inspect", str(path)]) == 0
+    assert "format_version   2\n" in capsys.readouterr().out
+    _as_version_1(path)
+    assert main(["inspect", str(path)]) == 0
+    assert "format_version   1 (written without g̃'s outer s: Ω shown multiplied by each module's scaling)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"scaling": 3.0}, "records scaling 3.0 but r=2, alpha=4.0, use_rslora=False give 2"),
+    ({"scaling": float("nan")}, "records scaling nan"),
+    ({"use_rslora": True}, "give 2.82843"),  # alpha/√r
+    ({"scaling": "two"}, "lacks a numeric scaling"),
+])
+def test_each_module_scaling_is_validated_on_read(tmp_path, edit, message):
+    data = _data()
+    data.metadata["modules"]["model.layers.0.self_attn.v_proj"].update(edit)
+    path = write_importance_file(tmp_path / "imp.safetensors", data)
+    with pytest.raises(ImportanceFileError, match=message.replace("(", r"\(")):
+        read_importance_file(path)
+
+
+def test_full_parameter_round_trip_and_validation(tmp_path):
+    data = _data()
+    name = "lm_head.modules_to_save.default.weight"
+    data.omega[name] = torch.rand(7, 3)
+    data.reference[name] = torch.randn(7, 3)
+    data.metadata["modules"][name] = f.parameter_metadata(data.omega[name])
+    back = read_importance_file(write_importance_file(tmp_path / "imp.safetensors", data))
+    assert back.kind(name) == "full" and back.kind("model.layers.0.self_attn.q_proj") == "lora"
+    assert torch.equal(back.reference[name], data.reference[name]) and name not in back.lora_A
+    data.reference[name] = torch.randn(7, 4)
+    with pytest.raises(ImportanceFileError, match=f"inconsistent shapes for {name}"):
+        read_importance_file(write_importance_file(tmp_path / "bad.safetensors", data))

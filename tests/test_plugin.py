@@ -135,3 +135,21 @@ def test_a_different_base_model_is_an_error_unless_overridden(tiny_model_dir, tm
 def test_dora_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="DoRA"):
         adapted_modules(_peft_model(tiny_model_dir, use_dora=True))
+
+
+def test_identical_model_whose_first_embedding_rows_are_zero_is_accepted(tiny_model_dir):
+    from axolotl_alora.lora import FINGERPRINT_SIZE
+    from axolotl_alora.plugin import check_base_model
+
+    model = _peft_model(tiny_model_dir)
+    with torch.no_grad():  # e.g. padding and reserved tokens zeroed: the whole fingerprint slice is 0
+        model.get_input_embeddings().weight.view(-1)[:FINGERPRINT_SIZE] = 0
+    data = _file_for(adapted_modules(model))
+    data.fingerprint = base_fingerprint(model)
+    assert float(data.fingerprint.abs().sum()) == 0
+    check_base_model(data, base_fingerprint(model), _cfg())
+    check_base_model(data, base_fingerprint(model.to(torch.bfloat16)), _cfg())
+    with torch.no_grad():
+        model.get_input_embeddings().weight.view(-1)[:FINGERPRINT_SIZE] = 1.0
+    with pytest.raises(ImportanceFileError, match="whose weights differ"):
+        check_base_model(data, base_fingerprint(model), _cfg())
