@@ -129,6 +129,14 @@ def runs(tmp_path_factory):
                  micro_batch_size=1, gradient_accumulation_steps=4)
         r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
                  micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+        # a fresh adapter under the penalty (L_reg > 0 from the first step) and its φ = 0 twin: the logged loss is L_task
+        r.submit("D_fresh", dom, after=after, **from_init, alora_importance_path=general_file, alora_phi=PHI)
+        r.submit("D_fresh0", dom, after=after, **from_init, alora_importance_path=general_file, alora_phi=0.0)
+        # embedding LoRA and a modules_to_save copy of lm_head: every trainable parameter tracked and regularized
+        every = {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"], "lora_modules_to_save": ["lm_head"]}
+        r.submit("G_every", gen, alora_record_importance=True, **every)
+        r.submit("D_every", dom, after=["G_every"], lora_model_dir=str(r.out("G_every")),
+                 alora_importance_path=str(r.out("G_every") / FILE), alora_phi=PHI, **every)
         # a second domain stage on the chain's accumulated file
         r.submit("D2", gen, after=["D_chain"], lora_model_dir=str(r.out("D_chain")),
                  alora_importance_path=str(r.out("D_chain") / FILE), alora_phi=PHI)
@@ -247,3 +255,26 @@ def test_two_processes_write_the_single_process_file(runs):
     assert not list(ddp.out.glob(f".{FILE}.*")), "no temp files left behind"
     domain = runs.get("D_ddp")
     assert domain.logs and domain.logs[-1]["alora_reg_loss"] > 0
+
+
+def test_logged_loss_is_the_task_loss_without_the_penalty(runs):
+    regularized, plain = runs.get("D_fresh").logs, runs.get("D_fresh0").logs
+    assert regularized[0]["alora_reg_ratio"] > 1e-2, "φ·L_reg must be visible next to the task loss for this test to mean anything"
+    # the same weights and batch at the first step: the same task loss, whatever φ·L_reg adds to the objective
+    assert regularized[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-4)
+    assert regularized[0]["ppl"] == pytest.approx(plain[0]["ppl"], rel=1e-4)
+
+
+def test_embedding_lora_and_modules_to_save_are_recorded_and_regularized(runs):
+    from axolotl_alora.importance_file import read_importance_file
+
+    general = runs.get("G_every")
+    data = read_importance_file(general.out / FILE)
+    modules = data.metadata["modules"]
+    embedding = [n for n, e in modules.items() if e.get("layer") == "embedding"]
+    full = [n for n, e in modules.items() if e["kind"] == "full"]
+    assert embedding == ["model.embed_tokens"] and full == ["lm_head.modules_to_save.default.weight"]
+    assert len(modules) == 6 and all(float(o.sum()) > 0 for o in data.omega.values())
+    assert "1 full parameters" in general.log or "and 1 full parameters" in general.log
+    domain = runs.get("D_every")
+    assert domain.logs[0]["alora_reg_loss"] == 0.0 and domain.logs[-1]["alora_reg_loss"] > 0
