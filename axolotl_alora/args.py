@@ -12,6 +12,10 @@ from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_PHI = 1e-3
 IMPORTANCE_FILENAME = "alora_importance.safetensors"
+# these update parameters inside the backward pass, not in the optimizer step the Trainer reports,
+# so neither Δθ per step (eq. 14) nor a penalty computed once per step would be right
+STEP_FREE_OPTIMIZERS = ("lomo", "adalomo", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+                        "apollo_adamw_layerwise")
 
 
 class AloraArgs(BaseModel):
@@ -83,6 +87,11 @@ def check_alora_settings(cfg, given: dict) -> None:
         raise ValueError(
             "ALoRA needs whole LoRA factors and gradients on every process; FSDP and DeepSpeed shard them. "
             "Use plain data parallel (accelerate launch / torchrun without fsdp or deepspeed keys)."
+        )
+    if str(cfg.get("optimizer") or "") in STEP_FREE_OPTIMIZERS:
+        raise ValueError(
+            f"optimizer {cfg['optimizer']} updates parameters during the backward pass, outside the optimizer step ALoRA "
+            "hooks into. Choose a step-based optimizer (e.g. adamw_torch_fused, adamw_bnb_8bit, paged_adamw_8bit)."
         )
     if cfg.get("peft_use_dora"):
         raise ValueError("ALoRA does not support DoRA (θ = W0 + s·B·A no longer holds): set peft_use_dora: false.")

@@ -1,4 +1,4 @@
-"""`alora fisher`: the EWC baseline's importance file (EWCLoRA, Xiang et al. 2024; METHOD.md §6).
+"""`alora fisher`: the EWC baseline's importance file (EWCLoRA, Xiang et al. 2024; docs/METHOD.md §6).
 
 Ω = the diagonal empirical Fisher of the frozen weights W0 of the LoRA-targeted linear modules,
 
@@ -87,7 +87,7 @@ def empirical_fisher(model, weights: dict, sequences, progress: bool = True) -> 
     """Diagonal empirical Fisher F = (1/N) Σ_n (∂ log p(x_n)/∂W)² of each weight in `weights` ({name: W0}).
 
     `sequences`: N 1-D LongTensors of token ids (each at least 2 tokens: the first token is only
-    context). log p(x_n) is the SUM of the sequence's token log-probabilities (METHOD.md §6's
+    context). log p(x_n) is the SUM of the sequence's token log-probabilities (docs/METHOD.md §6's
     ∂ log p(x_n)), not the token mean: a longer sequence weighs more, as its likelihood does.
     One sequence per backward pass, so F is a mean of per-sample squared gradients, never the
     square of a batch-mean gradient. Only the given weights require grad during the passes;

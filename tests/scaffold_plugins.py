@@ -23,8 +23,35 @@ class StopAtStepPlugin(BasePlugin):
         return [_StopAt(int(os.environ["ALORA_TEST_STOP_AT"]))]
 
 
+class _Overflow(TrainerCallback):
+    """At optimizer step $ALORA_TEST_OVERFLOW_AT, what an fp16 overflow does under a grad scaler (which CPUs
+    lack): the gradients are not finite and the optimizer step is skipped."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if state.global_step != self.step:
+            return
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("inf"))
+        self._step, optimizer.step = optimizer.step, lambda *a, **k: None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step == self.step:
+            optimizer.step = self._step
+
+
+class Fp16OverflowPlugin(BasePlugin):
+    """List before axolotl_alora.AloraPlugin, so its callback runs before the importance recorder's."""
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        return [_Overflow(int(os.environ["ALORA_TEST_OVERFLOW_AT"]))]
+
+
 def _cpu_device_map():
-    # AXOLOTL.md §5b: with WORLD_SIZE > 1 Axolotl forces device_map={"": LOCAL_RANK}, which fails without a GPU
+    # with WORLD_SIZE > 1 Axolotl 0.19 forces device_map={"": LOCAL_RANK} before any plugin hook runs, which fails without a GPU
     from axolotl.loaders.model import ModelLoader
 
     original = ModelLoader._set_device_map_config

@@ -38,6 +38,8 @@ def test_defaults_are_the_papers(tmp_path):
         ({"alora_record_importance": True, "adapter": None}, "set `adapter: lora`"),
         ({"alora_importance_path": "x.safetensors", "adapter": None}, "full fine-tune"),
         ({"alora_xi": 0.5}, "nothing to do"),
+        ({"alora_record_importance": True, "optimizer": "lomo"}, "optimizer lomo updates parameters during the backward pass"),
+        ({"alora_record_importance": True, "optimizer": "galore_adamw_layerwise"}, "Choose a step-based optimizer"),
         ({"alora_record_importance": True, "peft_use_dora": True}, "DoRA"),
         ({"alora_record_importance": True, "deepspeed": "zero3.json"}, "FSDP and DeepSpeed"),
         ({"alora_importance_path": "x.safetensors", "alora_softmax_temperature": -2.0}, "temperature"),

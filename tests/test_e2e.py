@@ -1,7 +1,7 @@
 """End to end: real `axolotl train` subprocesses on a tiny random Llama (CPU, a few steps).
 
 All runs start from one saved adapter (`lora_model_dir`), because Axolotl 0.19 seeds only after the
-LoRA layers are initialised (AXOLOTL.md §6); OMP_NUM_THREADS=1 keeps CPU math deterministic.
+LoRA layers are initialised (two runs of one YAML differ); OMP_NUM_THREADS=1 keeps CPU math deterministic.
 Independent runs go in parallel; each test waits only for the runs it reads.
 """
 
@@ -137,6 +137,10 @@ def runs(tmp_path_factory):
         r.submit("G_every", gen, alora_record_importance=True, **every)
         r.submit("D_every", dom, after=["G_every"], lora_model_dir=str(r.out("G_every")),
                  alora_importance_path=str(r.out("G_every") / FILE), alora_phi=PHI, **every)
+        # fp16 (on CPU: fp16 weights, no grad scaler), and one step overflowing as a grad scaler would see it
+        r.submit("G_fp16", gen, **from_init, fp16=True, alora_record_importance=True)
+        r.submit("G_fp16_overflow", gen, **from_init, fp16=True, alora_record_importance=True, env={"ALORA_TEST_OVERFLOW_AT": "1"},
+                 plugins=["scaffold_plugins.Fp16OverflowPlugin", "axolotl_alora.AloraPlugin"])
         # a second domain stage on the chain's accumulated file
         r.submit("D2", gen, after=["D_chain"], lora_model_dir=str(r.out("D_chain")),
                  alora_importance_path=str(r.out("D_chain") / FILE), alora_phi=PHI)
@@ -278,3 +282,14 @@ def test_embedding_lora_and_modules_to_save_are_recorded_and_regularized(runs):
     assert "1 full parameters" in general.log or "and 1 full parameters" in general.log
     domain = runs.get("D_every")
     assert domain.logs[0]["alora_reg_loss"] == 0.0 and domain.logs[-1]["alora_reg_loss"] > 0
+
+
+def test_fp16_overflow_step_adds_nothing_and_the_stage_still_writes_its_file(runs):
+    from axolotl_alora.importance_file import read_importance_file
+
+    clean, overflow = runs.get("G_fp16"), runs.get("G_fp16_overflow")
+    assert read_importance_file(clean.out / FILE).metadata["skipped_steps"] == []
+    data = read_importance_file(overflow.out / FILE)  # read_importance_file refuses NaN/Inf: the file is finite
+    assert data.metadata["skipped_steps"] == [1] and data.metadata["steps"] == 4
+    assert all(float(o.sum()) > 0 for o in data.omega.values())
+    assert "1 optimizer step(s) had non-finite gradients or weights" in overflow.log and "steps 1" in overflow.log

@@ -246,3 +246,34 @@ def test_perplexity_matches_independent_computation(tiny_model_dir, manager, mon
         assert _metric(results, task, "byte_perplexity") == pytest.approx(math.exp(-loglikelihood / n_bytes), rel=1e-4)
         bits = -loglikelihood / n_bytes / math.log(2)
         assert _metric(results, task, "bits_per_byte") == pytest.approx(bits, rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_alora_eval_defaults_fit_the_machines_the_readme_targets(smollm2_dir, tmp_path):
+    """`alora eval` with only --base, --limit and --out on SmolLM2 (whose own maximum is 8192 tokens): the
+    default window is 1024, and the rolling perplexity at the default batch stays far from 24 GB. The child is
+    killed at 10 GB, so a regression fails this test instead of the machine (measured here at limit 4: 4.4 GB with
+    the 1024 default; with SmolLM2's 8192 the child passed 10 GB and was killed; all five tasks at limit 20 reached 23.7 GB)."""
+    import subprocess
+    import sys
+    import time
+
+    from axolotl_alora.fisher import vm_hwm_kib
+
+    assert runner.default_max_length(smollm2_dir) == runner.DEFAULT_MAX_LENGTH == 1024
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "axolotl_alora.cli", "eval", "--base", str(smollm2_dir), "--tasks", "alora_wikitext2",
+           "--limit", "4", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    peak_kib, ceiling_kib = 0, 10 * 2**20
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, vm_hwm_kib(proc.pid) or 0)
+        if peak_kib > ceiling_kib:
+            proc.kill()
+        time.sleep(0.2)
+    log = proc.stdout.read()
+    assert peak_kib <= ceiling_kib, f"killed at {peak_kib / 2**20:.1f} GB"
+    assert proc.returncode == 0, log[-3000:]
+    config = json.loads((out / "base.json").read_text())["config"]
+    assert "max_length=1024" in str(config["model_args"]) or config["model_args"].get("max_length") == 1024
+    assert peak_kib < 6 * 2**20, f"peak {peak_kib / 2**20:.1f} GB"

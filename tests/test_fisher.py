@@ -1,4 +1,4 @@
-"""`alora fisher` (EWC baseline, METHOD.md §6): the Fisher equals squared per-sample gradients computed
+"""`alora fisher` (EWC baseline, docs/METHOD.md §6): the Fisher equals squared per-sample gradients computed
 independently, the written file is a valid importance file with a zero reference, and it drives the regularizer."""
 
 import argparse

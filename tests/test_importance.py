@@ -1,4 +1,4 @@
-"""METHOD.md §1 (eqs. 13-15) against independent float64 computations on small tensors."""
+"""docs/METHOD.md §1 (eqs. 13-15) against independent float64 computations on small tensors."""
 
 import math
 

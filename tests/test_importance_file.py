@@ -1,4 +1,4 @@
-"""METHOD.md §5: the importance file — round trip, storage dtype, atomic writes, and clear errors."""
+"""docs/METHOD.md §5: the importance file — round trip, storage dtype, atomic writes, and clear errors."""
 
 import json
 import os

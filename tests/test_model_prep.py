@@ -17,12 +17,12 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(smollm2_dir):
     """(saved dir, reference model, reference tokenizer): the reference is loaded straight from the
     GGUF with transformers, independently of model_prep."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = M.prepare_model(tmp_path_factory.mktemp("models") / "smollm2")
+    out = smollm2_dir
     gguf = M.gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return out, reference.eval(), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -1,4 +1,4 @@
-"""METHOD.md §2-3 (eqs. 16-17) against hand computation and plain autograd on the dense effective weight."""
+"""docs/METHOD.md §2-3 (eqs. 16-17) against hand computation and plain autograd on the dense effective weight."""
 
 import math
 

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 DEFAULT_TASKS = ["alora"]
+# lm-eval's default window is the model's maximum (SmolLM2: 8192). Rolling perplexity then batches 8 windows of
+# up to 8192 tokens, whose fp32 logits over a 49k vocabulary alone take ~13 GB: the OOM killer ended a default
+# run at 23.7 GB on a 24 GB machine. 1024 (the main job's window) keeps the same defaults under ~5 GB.
+DEFAULT_MAX_LENGTH = 1024
 BASE_RUN = "base"
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -30,6 +34,14 @@ def task_manager():
     if not TASKS_DIR.is_dir():
         raise FileNotFoundError(f"lm-eval task folder not found: {TASKS_DIR} (install the repository with pip -e)")
     return TaskManager(include_path=str(TASKS_DIR))
+
+
+def default_max_length(base: str | Path) -> int:
+    """DEFAULT_MAX_LENGTH, or the model's own maximum (config.json's max_position_embeddings) when smaller."""
+    from transformers import AutoConfig
+
+    maximum = getattr(AutoConfig.from_pretrained(str(base)), "max_position_embeddings", None)
+    return min(DEFAULT_MAX_LENGTH, maximum) if maximum else DEFAULT_MAX_LENGTH
 
 
 def model_args(base: str | Path, adapter: str | Path | None, max_length: int | None = None) -> dict:
@@ -142,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="lm-eval batch size (default 8)")
     parser.add_argument(
         "--max-length", type=int, metavar="N",
-        help="lm-eval's context length, i.e. the perplexity window (default: the model's maximum; SmolLM2's 8192 is slow on CPU)",
+        help=f"lm-eval's context length, i.e. the perplexity window (default {DEFAULT_MAX_LENGTH}, or the model's maximum "
+        "if smaller; 0: the model's maximum, which needs far more memory: ~24 GB for SmolLM2's 8192 at batch 8)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for <run>.json, table.md, table.json")
 
@@ -155,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
             log.error("duplicate run name %r; name adapters with NAME=DIR", name)
             return 2
         runs[name] = path
-    results = evaluate(args.base, runs, args.tasks, args.out, args.limit, args.device, args.batch_size, args.max_length)
+    max_length = default_max_length(args.base) if args.max_length is None else args.max_length or None
+    results = evaluate(args.base, runs, args.tasks, args.out, args.limit, args.device, args.batch_size, max_length)
     out = Path(args.out)
     print((out / "table.md").read_text())
     print(f"lm-eval results: {', '.join(str(out / f'{name}.json') for name in results)}")
