@@ -25,7 +25,10 @@ def check_config(cfg: dict) -> list[str]:
         return []
     problems = []
     if PLUGIN not in (cfg.get("plugins") or []):
-        problems.append(f"alora_ keys {sorted(given)} are set but `plugins:` does not list {PLUGIN}: Axolotl would drop them silently and train plain LoRA. Add it under `plugins:`.")
+        problems.append(
+            f"alora_ keys {sorted(given)} are set but `plugins:` does not list {PLUGIN}: Axolotl would drop them silently "
+            "and train plain LoRA. Add it under `plugins:`."
+        )
     try:
         check_alora_settings(cfg, given)
     except ValueError as e:

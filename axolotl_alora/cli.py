@@ -2,7 +2,10 @@
 
 Each subcommand lives in the module that owns its concept; that module exposes
 `add_arguments(parser)` and `run(args) -> int`, and imports torch, Axolotl or lm-eval
-only inside `run`, so building the parser stays fast.
+only inside `run`, so building the parser stays fast. Other installed packages add
+subcommands through the `alora.commands` entry-point group (name = module path; the
+module's HELP string is its help): the harness adds prepare-model,
+prepare-data and eval that way, so the plugin never imports it.
 """
 
 from __future__ import annotations
@@ -10,25 +13,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("axolotl_alora.inspect", "show an importance file: metadata, per-module norms, layer weights, heatmap"),
     "check": ("axolotl_alora.check", "check an Axolotl YAML's ALoRA settings (and that the plugin is listed) without training"),
     "fisher": ("axolotl_alora.fisher", "EWC baseline: write an importance file from the diagonal empirical Fisher of the base model"),
-    "prepare-model": ("axolotl_alora.model_prep", "turn the packaged SmolLM2 GGUF into a Hugging Face model directory"),
-    "prepare-data": ("axolotl_alora.data", "write Axolotl-ready JSONL from ../shared/data"),
-    "eval": ("axolotl_alora.evaluation.runner", "run lm-eval on a base model and adapters, write a Table-1 markdown"),
 }
+COMMANDS_GROUP = "alora.commands"
+
+
+def subcommands() -> dict[str, tuple[str, str | None]]:
+    """The plugin's own subcommands, then those other packages register (help: their module docstring)."""
+    found = dict(SUBCOMMANDS)
+    for ep in entry_points(group=COMMANDS_GROUP):
+        found.setdefault(ep.name, (ep.value, None))
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in subcommands().items():
+        module = importlib.import_module(module_name)
+        help_text = help_text or getattr(module, "HELP", name)
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(sp)
+        sp.set_defaults(_module=module_name)
+        module.add_arguments(sp)
     return parser
 
 

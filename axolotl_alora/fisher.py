@@ -213,7 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
                         help="linear modules to compute the Fisher for: the domain stage's lora_target_modules (default: %(default)s)")
     parser.add_argument("--lora-r", type=int, default=8, help="the domain stage's lora_r: the zero reference adapter's rank (default %(default)s)")
-    parser.add_argument("--lora-alpha", type=float, default=32, help="the domain stage's lora_alpha, for the scaling s stored in the file (default %(default)s)")
+    parser.add_argument("--lora-alpha", type=float, default=32,
+                        help="the domain stage's lora_alpha, for the scaling s stored in the file (default %(default)s)")
     parser.add_argument("--use-rslora", action="store_true", help="the domain stage uses rsLoRA (s = alpha/sqrt(r))")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                         help="number of sequences N, drawn without replacement by --seed (default %(default)s; EWCLoRA: 20000)")
@@ -280,22 +281,13 @@ def peak_memory(device) -> dict:
 
     import torch
 
+    from .memory import vm_hwm_kib
+
     kib = vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # both KiB on Linux
     peak = {"cpu_max_rss_mib": kib / 1024}
     if device.type == "cuda":
         peak["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
-
-
-def vm_hwm_kib(pid: int | str = "self") -> int | None:
-    """A process's own peak RSS (Linux VmHWM), None where /proc has none (not Linux, or the process has exited).
-    ru_maxrss would include the high-water mark of the process that forked it (a large driver that runs
-    `alora fisher` as a child, for instance)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def _print_summary(path: Path, data, args, device, wall_s: float, compute_s: float) -> None:

@@ -15,7 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
 
     from .importance_file import read_importance_file
     from .regularizer import effective_layers, importance_norms, layer_weights, uniform_softmax_note
@@ -23,7 +22,8 @@ def run(args) -> int:
     data = read_importance_file(args.file)
     meta = data.metadata
     print(f"importance file  {args.file}")
-    version_note = " (written without g̃'s outer s: Ω shown multiplied by each module's scaling)" if data.format_version == 1 and meta.get("source", "si") == "si" else ""
+    rescaled = data.format_version == 1 and meta.get("source", "si") == "si"
+    version_note = " (written without g̃'s outer s: Ω shown multiplied by each module's scaling)" if rescaled else ""
     print(f"  {'format_version':<17}{data.format_version}{version_note}")
     for key in ("source", "base_model", "stages", "steps", "skipped_steps", "tokens", "xi", "clamped_fraction", "omega_dtype", "created_by", "created_at"):
         if key in meta:

@@ -8,8 +8,8 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 
 from .args import IMPORTANCE_FILENAME
-from .importance_file import ImportanceFile, ImportanceFileError, base_metadata, read_importance_file
-from .lora import adapted_modules, base_fingerprint, full_parameters, same_base_model
+from .importance_file import ImportanceFile, base_metadata, check_base_model, check_modules_match, read_importance_file
+from .lora import adapted_modules, base_fingerprint, full_parameters
 from .regularizer import Regularizer, build_regularizer
 
 LOG = logging.getLogger("axolotl.alora")
@@ -106,31 +106,3 @@ class AloraPlugin(BasePlugin):
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         return [self.recorder] if self.recorder is not None else []
-
-
-def check_modules_match(data: ImportanceFile, modules: list, path) -> None:
-    """The file's modules and shapes must be exactly the model's LoRA modules and full parameters; name the first mismatches."""
-    shapes = {m.name: tuple(m.shape) for m in modules}
-    theirs = {n: tuple(o.shape) for n, o in data.omega.items()}
-    problems = [f"{n}: in the model, not in the file" for n in shapes if n not in theirs]
-    problems += [f"{n}: in the file, not in the model" for n in theirs if n not in shapes]
-    problems += [f"{n}: shape {tuple(shapes[n])} in the model, {theirs[n]} in the file" for n in shapes if n in theirs and tuple(shapes[n]) != theirs[n]]
-    if problems:
-        raise ImportanceFileError(
-            f"{path} does not match this model's LoRA modules and trainable parameters ({len(problems)} differences; first: "
-            + "; ".join(problems[:3])
-            + "). Use the same base model, lora_target_modules and lora_modules_to_save as the general stage (or its lora_model_dir)."
-        )
-
-
-def check_base_model(data: ImportanceFile, fingerprint, cfg) -> None:
-    if data.fingerprint is None or same_base_model(data.fingerprint, fingerprint):
-        return
-    message = (
-        f"{cfg.alora_importance_path} was recorded on base model {data.metadata.get('base_model')!r}, whose weights "
-        f"differ from this run's base_model {cfg.base_model!r}. Importance is only meaningful for the model it was "
-        "recorded on: run the general stage on this base model"
-    )
-    if not cfg.alora_allow_base_model_mismatch:
-        raise ImportanceFileError(message + ", or set alora_allow_base_model_mismatch: true to use it anyway.")
-    LOG.warning("ALoRA: %s; continuing because alora_allow_base_model_mismatch is set.", message)

@@ -1,9 +1,4 @@
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +11,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The packaged SmolLM2-135M-Instruct GGUF as a dense Hugging Face directory (`alora prepare-model`, ~1 min)."""
-    from axolotl_alora import model_prep
+    from alora_bench import model_prep
 
     return model_prep.prepare_model(tmp_path_factory.mktemp("models") / "smollm2")

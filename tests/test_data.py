@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_alora import data as D
+from alora_bench import data as D
 
 TASK_YAMLS = {"sciq": "sciq/sciq.yaml", "piqa": "piqa/piqa.yaml", "medmcqa": "medmcqa/medmcqa.yaml"}
 # lm-eval's prompt fragment that ends each question, to pull questions back out of training texts

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""lm-eval tasks in eval/tasks/ and `alora eval` (axolotl_alora.evaluation), offline, on a tiny model."""
+"""lm-eval tasks in alora_bench/tasks/ and `alora eval` (alora_bench.evaluation), offline, on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from axolotl_alora import data  # noqa: E402
-from axolotl_alora.evaluation import runner  # noqa: E402
+from alora_bench import data  # noqa: E402
+from alora_bench.evaluation import runner  # noqa: E402
 
 PPL_TASKS = ["alora_wikitext2", "alora_general_ppl"]
 MC_TASKS = ["alora_sciq", "alora_piqa", "alora_medmcqa"]
@@ -109,7 +109,7 @@ def test_table_has_runs_and_columns(eval_out, runs):
 
 
 def test_table_with_stock_tasks_and_missing_cells(tmp_path):
-    from axolotl_alora.evaluation import write_table
+    from alora_bench.evaluation import write_table
 
     results = {
         "base": {
@@ -141,7 +141,7 @@ def test_adapter_argument():
 
 @pytest.fixture(scope="module")
 def raw_answers() -> dict:
-    """Correct answers read straight from the shared files (independent of axolotl_alora.data):
+    """Correct answers read straight from the shared files (independent of alora_bench.data):
     SciQ `correct_answer`; PIQA `sol{label+1}` from valid-labels.lst; MedMCQA letter of 1-based `cop`."""
     root = data.data_dir()
     sciq_items = json.loads((root / "sciq/test.json").read_text())
@@ -258,7 +258,7 @@ def test_alora_eval_defaults_fit_the_machines_the_readme_targets(smollm2_dir, tm
     import sys
     import time
 
-    from axolotl_alora.fisher import vm_hwm_kib
+    from axolotl_alora.memory import vm_hwm_kib
 
     assert runner.default_max_length(smollm2_dir) == runner.DEFAULT_MAX_LENGTH == 1024
     out = tmp_path / "eval"

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from tiny import CORPUS
-
 from axolotl_alora import fisher
 from axolotl_alora.importance_file import read_importance_file
 from axolotl_alora.lora import adapted_modules, base_fingerprint
+
+from tiny import CORPUS
 
 TEXTS = list(dict.fromkeys(CORPUS))  # 6 distinct texts of different lengths
 NAMES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.e2e
 def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
     report = tmp_path / "report.md"
-    cmd = [sys.executable, str(REPO / "eval" / "main_job.py"), "--base-model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+    cmd = [sys.executable, "-m", "alora_bench.main_job", "--base-model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
            "--general-steps", "2", "--domain-steps", "2", "--limit", "2", "--ppl-limit", "1", "--results", str(report)]
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "AXOLOTL_DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

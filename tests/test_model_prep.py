@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from axolotl_alora import model_prep as M
+from alora_bench import model_prep as M
 
 PROMPTS = [
     "The capital of France is",

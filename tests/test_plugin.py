@@ -116,9 +116,9 @@ def test_mismatched_modules_name_the_first_differences(tiny_model_dir):
 
 
 def test_a_different_base_model_is_an_error_unless_overridden(tiny_model_dir, tmp_path, caplog):
-    from tiny import build_tiny_llama
-
     from axolotl_alora.plugin import check_base_model
+
+    from tiny import build_tiny_llama
 
     model = _peft_model(tiny_model_dir)
     modules = adapted_modules(model)

@@ -1,4 +1,4 @@
-"""eval/reproduce.py: the selection rule, the scale guard, and the whole driver on the tiny model (2-step budget)."""
+"""alora_bench/reproduce.py: the selection rule, the scale guard, and the whole driver on the tiny model (2-step budget)."""
 
 import json
 import subprocess
@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "eval"))
+from alora_bench import reproduce
 
-import reproduce  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _results(valid_acc, general_ppl):
@@ -60,7 +59,7 @@ SCALE = ["--general-steps", "2", "--domain-steps", "2", "--micro-batch-size", "2
 def _run(args, tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "AXOLOTL_DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(REPO / "eval" / "reproduce.py"), *args], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "alora_bench.reproduce", *args], env=env, capture_output=True,
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -133,7 +132,7 @@ def _fake_run(results, method, seed, phi, wikitext, acc, task="sciq", normalizat
 
 
 def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_path):
-    from reproduce_report import write_reports
+    from alora_bench.reproduce_report import write_reports
 
     (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
     _fake_run(tmp_path, "alora", 0, 0.3, 30.0, 0.80)
@@ -158,7 +157,7 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
 
 
 def test_paired_differences_are_taken_within_each_seed(tmp_path):
-    from reproduce_report import write_reports
+    from alora_bench.reproduce_report import write_reports
 
     (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
     # the seeds differ by far more than the methods do; ALoRA is 0.5 and 1.5 PPL below LoRA(ν+μ) on its own seed
@@ -178,7 +177,7 @@ def test_paired_differences_are_taken_within_each_seed(tmp_path):
 
 
 def test_costs_table_averages_measured_peaks_of_the_chosen_runs_only(tmp_path):
-    from reproduce_report import write_reports
+    from alora_bench.reproduce_report import write_reports
 
     (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
     _fake_run(tmp_path, "alora", 0, 0.3, 30.0, 0.80)

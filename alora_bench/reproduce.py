@@ -1,13 +1,13 @@
 """Reproduce the paper's Table 1, Table 2 and Figures 6–7 with the product, baselines included.
 
-    python eval/reproduce.py sweep    # φ (ALoRA) and λ (EWCLoRA) on SciQ, seed 0; picks both by RULE below
-    python eval/reproduce.py grid     # Base, LoRA(μ), LoRA(ν+μ), RSLoRA, EWCLoRA, ALoRA, ALoRA − layer × tasks × seeds
-    python eval/reproduce.py report   # rewrite tables and plots from the lm-eval JSON that exists (no training)
-    python eval/reproduce.py all      # sweep, grid, report (the default)
+    python -m alora_bench.reproduce sweep    # φ (ALoRA) and λ (EWCLoRA) on SciQ, seed 0; picks both by RULE below
+    python -m alora_bench.reproduce grid     # Base, LoRA(μ), LoRA(ν+μ), RSLoRA, EWCLoRA, ALoRA, ALoRA − layer × tasks × seeds
+    python -m alora_bench.reproduce report   # rewrite tables and plots from the lm-eval JSON that exists (no training)
+    python -m alora_bench.reproduce all      # sweep, grid, report (the default)
 
 Everything runs through the product: `axolotl train` on the YAMLs of examples/smollm2-cpu/ (only paths, seed,
 step budget, φ and normalization are set per run), `alora fisher` for EWCLoRA's importance, lm-eval through
-`axolotl_alora.evaluation` for every number, `alora inspect --plot` for Figure 7. Every method of one seed gets
+`alora_bench.evaluation` for every number, `alora inspect --plot` for Figure 7. Every method of one seed gets
 the same step budget and the same data order (the seed). A finished run's lm-eval JSON lives in --results and
 is skipped next time, so the grid continues across sessions; adapters and logs live in --work.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+
+from alora_bench import runs
+from alora_bench.runs import axolotl_train, last_train_log, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
@@ -93,7 +95,7 @@ class Run:
 
 
 def log(msg: str) -> None:
-    print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    runs.log(msg, "reproduce")
 
 
 class Paths:
@@ -124,60 +126,6 @@ class Paths:
 # ------------------------------------------------------------------------------------------ running things
 
 
-def run_logged(cmd: list[str], log_path: Path, cwd: Path, echo: str) -> dict:
-    """Run `cmd`, teeing its output to `log_path`; returns wall time and the child's own peak memory."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log(f"{' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}  (log: {log_path})")
-    start = time.time()
-    with log_path.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
-        peak = PeakMemory(proc.pid)
-        for line in proc.stdout:
-            f.write(line)
-            if line.startswith("{'loss'") or "ALoRA" in line or "Error" in line or line.startswith("cost:"):
-                print(f"  {echo}: {line.rstrip()[:200]}", flush=True)
-        code = proc.wait()
-        peak.stop()
-    if code != 0:
-        raise SystemExit(f"{echo} failed (exit {code}); see {log_path}")
-    return {"wall_s": round(time.time() - start, 1), "peak_rss_mib": peak.mib}
-
-
-class PeakMemory:
-    """The child's peak resident memory, polled from /proc/<pid>/status (VmHWM).
-
-    Not getrusage: Linux carries the parent's high-water mark into a forked child's ru_maxrss, and this driver,
-    which runs lm-eval in-process, is larger than most of its children.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.2):
-        import threading
-
-        self.kib, self._done = 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, args=(pid, interval), daemon=True)
-        self._thread.start()
-
-    def _poll(self, pid: int, interval: float) -> None:
-        from axolotl_alora.fisher import vm_hwm_kib
-
-        while not self._done.is_set():
-            kib = vm_hwm_kib(pid)
-            if kib is None:  # exited (or a zombie without an mm)
-                return
-            self.kib = max(self.kib, kib)
-            self._done.wait(interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def mib(self) -> int | None:
-        return round(self.kib / 1024) if self.kib else None
-
-
 def write_json(path: Path, obj) -> None:
     """Atomically: a crash never leaves a half-written result that a later session would skip over."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,14 +147,10 @@ def record_cost(paths: Paths, key: str, cost: dict) -> None:
         write_json(costs_path, costs)
 
 
-def axolotl_train(cfg: dict, name: str, paths: Paths, scale: Scale) -> dict:
+def train(cfg: dict, name: str, paths: Paths, scale: Scale) -> dict:
     if scale.device != "cpu":
         cfg.update(bf16=True, fp16=False)
-    cfg_path = paths.work / "configs" / f"{name}.yml"
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return run_logged([sys.executable, "-m", "axolotl.cli.train", str(cfg_path)], paths.work / "logs" / f"{name}.log",
-                      paths.work, name)
+    return axolotl_train(cfg, paths.work / "configs" / f"{name}.yml", paths.work / "logs" / f"{name}.log", paths.work, name)
 
 
 def example(name: str, paths: Paths, scale: Scale, seed: int, output_dir: Path) -> dict:
@@ -223,7 +167,7 @@ def ensure_general(paths: Paths, scale: Scale, seed: int) -> Path:
         cfg = example("general", paths, scale, seed, out)
         cfg["datasets"][0]["path"] = str(paths.data / "general_train.jsonl")
         cfg["max_steps"] = scale.general_steps
-        record_cost(paths, f"s{seed}/general (SI)", {**axolotl_train(cfg, f"s{seed}/general", paths, scale), **file_cost(
+        record_cost(paths, f"s{seed}/general (SI)", {**train(cfg, f"s{seed}/general", paths, scale), **file_cost(
             out / "alora_importance.safetensors")})
     return out
 
@@ -280,14 +224,14 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
         adapter = paths.run_dir(run)
         name = f"s{run.seed}/{run.task}/{run.run_id}"
         if not (adapter / "adapter_model.safetensors").is_file():
-            record_cost(paths, name, axolotl_train(domain_config(run, paths, scale), name, paths, scale))
+            record_cost(paths, name, train(domain_config(run, paths, scale), name, paths, scale))
     if run.method.example is not None:
         tasks = eval_tasks(run.task, select)
     else:  # every task once; Base also on the validation split, as the sweep's reference point
         tasks = [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), *([SELECT_TASK] if adapter is None else [])]
     limits = {t: (scale.ppl_limit if t in PPL_TASKS else scale.limit) or None for t in tasks}
     log(f"lm-eval {run.run_id} (seed {run.seed}, {run.task}): {', '.join(tasks)}")
-    from axolotl_alora.evaluation import evaluate_model
+    from alora_bench.evaluation import evaluate_model
 
     start = time.time()
     results = evaluate_model(paths.base, adapter, tasks, manager, limits, scale.device, 8, scale.max_length or None)
@@ -301,16 +245,6 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------ reading results
-
-
-def last_train_log(path: Path) -> dict | None:
-    """The last `{'loss': ...}` line axolotl printed (with alora_reg_loss / alora_reg_ratio for penalised runs)."""
-    import ast
-
-    if not path.is_file():
-        return None
-    entries = [ast.literal_eval(line.strip()) for line in path.read_text().splitlines() if line.startswith("{'loss'")]
-    return {k: float(v) for k, v in entries[-1].items()} if entries else None
 
 
 def metric(results: dict, task: str) -> float | None:
@@ -384,7 +318,7 @@ def chosen_values(args, paths: Paths) -> dict:
     phi = args.phi if args.phi is not None else chosen.get("phi")
     lam = args.ewc_lambda if args.ewc_lambda is not None else chosen.get("lambda")
     if phi is None or lam is None:
-        raise SystemExit(f"no φ/λ chosen yet: run `python eval/reproduce.py sweep` first (writes {path}), or pass --phi and --ewc-lambda")
+        raise SystemExit(f"no φ/λ chosen yet: run `python -m alora_bench.reproduce sweep` first (writes {path}), or pass --phi and --ewc-lambda")
     return {"phi": phi, "lambda": lam}
 
 
@@ -413,7 +347,7 @@ def grid(args, paths: Paths, scale: Scale, manager) -> None:
 
 
 def report(args, paths: Paths) -> None:
-    from reproduce_report import write_reports  # eval/reproduce_report.py: tables and plots from the JSON alone
+    from alora_bench.reproduce_report import write_reports  # tables and plots from the JSON alone
 
     path = paths.results / "chosen.json"
     chosen = json.loads(path.read_text()) if path.is_file() else {}
@@ -437,7 +371,7 @@ def parse_args(argv=None):
                                 epilog="Rule for φ and λ (fixed before any test number is read): " + RULE + ".")
     p.add_argument("job", nargs="?", choices=("all", "sweep", "grid", "report"), default="all")
     p.add_argument("--work", default=str(REPO / "work" / "reproduce"), help="adapters, logs, configs (default ./work/reproduce)")
-    p.add_argument("--results", default=str(REPO / "eval" / "results" / "reproduce"), help="lm-eval JSON, tables, plots")
+    p.add_argument("--results", default=str(REPO / "results" / "reproduce"), help="lm-eval JSON, tables, plots")
     p.add_argument("--base-model", help="a Hugging Face model directory instead of the packaged SmolLM2")
     p.add_argument("--data-dir", help="shared data folder (default ../shared/data or $ALORA_DATA_DIR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the sweep uses the first)")
@@ -483,11 +417,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     paths = Paths(Path(args.work).resolve(), Path(args.results).resolve(), Path(args.base_model).resolve() if args.base_model else None)
     scale = scale_of(args)
-    sys.path.insert(0, str(Path(__file__).parent))
     if args.job != "report":
         check_scale(paths, scale)
         prepare(paths, args)
-        from axolotl_alora.evaluation import task_manager
+        from alora_bench.evaluation import task_manager
 
         manager = task_manager()
         started = time.time()
@@ -501,8 +434,8 @@ def main(argv=None) -> int:
 
 
 def prepare(paths: Paths, args) -> None:
-    from axolotl_alora.data import prepare_data
-    from axolotl_alora.model_prep import prepare_model
+    from alora_bench.data import prepare_data
+    from alora_bench.model_prep import prepare_model
 
     if not args.base_model:
         prepare_model(paths.base)

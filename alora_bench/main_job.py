@@ -14,12 +14,13 @@ import argparse
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from alora_bench import runs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
@@ -42,12 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-length", type=int, default=1024, help="lm-eval context / perplexity window in tokens (0: the model's maximum)")
     p.add_argument("--phi", type=float, help="override alora_phi of examples/smollm2-cpu/domain-alora.yml")
-    p.add_argument("--results", default=str(REPO / "eval" / "results" / "main_job.md"), help="where to record the table")
+    p.add_argument("--results", default=str(REPO / "results" / "main_job.md"), help="where to record the table")
     return p.parse_args(argv)
 
 
 def log(msg: str) -> None:
-    print(f"[main {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    runs.log(msg, "main")
 
 
 def stage_config(name: str, work: Path, args, base: Path) -> dict:
@@ -79,25 +80,8 @@ def stage_config(name: str, work: Path, args, base: Path) -> dict:
 
 
 def train(name: str, cfg: dict, work: Path) -> float:
-    path = work / "configs" / f"{name}.yml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log_path = work / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    log(f"axolotl train {path}  (log: {log_path})")
-    start = time.time()
-    with log_path.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "axolotl.cli.train", str(path)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=work)
-        for line in proc.stdout:
-            f.write(line)
-            if line.startswith("{'loss'") or "ALoRA" in line or "Error" in line:
-                print(f"  {name}: {line.rstrip()[:220]}", flush=True)
-    if proc.wait() != 0:
-        sys.exit(f"axolotl train failed for {name}; see {log_path}")
-    return time.time() - start
+    cost = runs.axolotl_train(cfg, work / "configs" / f"{name}.yml", work / "logs" / f"{name}.log", work, name, who="main")
+    return cost["wall_s"]
 
 
 def main(argv=None) -> int:
@@ -107,9 +91,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.time()
 
-    from axolotl_alora.data import prepare_data
-    from axolotl_alora.evaluation import evaluate
-    from axolotl_alora.model_prep import prepare_model
+    from alora_bench.data import prepare_data
+    from alora_bench.evaluation import evaluate
+    from alora_bench.model_prep import prepare_model
 
     log(f"scale: general {args.general_steps or args.epochs} {'steps' if args.general_steps else 'epochs'}, domain "
         f"{args.domain_steps or args.epochs} {'steps' if args.domain_steps else 'epochs'} per stage, micro-batch "
@@ -150,12 +134,7 @@ def main(argv=None) -> int:
 
 def reg_summary(work: Path) -> str:
     """The domain-alora run's last logged alora_reg_loss / alora_reg_ratio."""
-    import ast
-
-    last = None
-    for line in (work / "logs" / "domain-alora.log").read_text().splitlines():
-        if line.startswith("{'loss'"):
-            last = ast.literal_eval(line)
+    last = runs.last_train_log(work / "logs" / "domain-alora.log")
     if not last:
         return "no training log found"
     return f"last logged alora_reg_loss {last.get('alora_reg_loss')}, alora_reg_ratio (φ·L_reg/L_task) {last.get('alora_reg_ratio')}"
@@ -164,7 +143,7 @@ def reg_summary(work: Path) -> str:
 def render_report(args, work: Path, table: str, timings: dict, argv) -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     cmd = "bash scripts/main.sh " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,7 +1,7 @@
 """`alora eval`: lm-eval-harness on a base model and on each LoRA adapter, then one Table-1 markdown.
 
 Every run is one `lm_eval.simple_evaluate(model="hf", model_args={pretrained, peft})` over the
-tasks in `eval/tasks/` (plus lm-eval's stock tasks). lm-eval's results dict is saved as
+tasks in `alora_bench/tasks/` (plus lm-eval's stock tasks). lm-eval's results dict is saved as
 `<out>/<run>.json`; `<out>/table.md` and `<out>/table.json` hold the side-by-side table.
 """
 
@@ -13,11 +13,12 @@ import logging
 import re
 from pathlib import Path
 
-from axolotl_alora.evaluation.table import write_table
+from alora_bench.evaluation.table import write_table
 
+HELP = "run lm-eval on a base model and adapters, write a Table-1 markdown"  # `alora eval` help
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 DEFAULT_TASKS = ["alora"]
 # lm-eval's default window is the model's maximum (SmolLM2: 8192). Rolling perplexity then batches 8 windows of
 # up to 8192 tokens, whose fp32 logits over a 49k vocabulary alone take ~13 GB: the OOM killer ended a default
@@ -28,7 +29,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def task_manager():
-    """lm-eval's TaskManager with the repository's `eval/tasks/` folder added."""
+    """lm-eval's TaskManager with the repository's `alora_bench/tasks/` folder added."""
     from lm_eval.tasks import TaskManager
 
     if not TASKS_DIR.is_dir():

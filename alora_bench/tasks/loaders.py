@@ -1,7 +1,7 @@
 """Dataset loaders for the `alora_*` lm-eval tasks (`custom_dataset: !function loaders.<fn>`).
 
 lm-eval imports this file by path from the YAML's folder, so the tasks work from any
-working directory. Documents come from `axolotl_alora.data` (the package must be
+working directory. Documents come from `alora_bench.data` (the package must be
 installed), which reads `$ALORA_DATA_DIR` or `<repo>/../shared/data`. lm-eval calls each
 loader with the task metadata and model arguments as keyword arguments; they are ignored.
 The prompt and perplexity helpers imported below are lm-eval's own (re-exported for the
@@ -14,10 +14,9 @@ import datasets
 from lm_eval.tasks.medmcqa.utils_medmcqa import doc_to_text as medmcqa_doc_to_text  # noqa: F401
 from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401
     process_results as wikitext_process_results,
-    wikitext_detokenizer,
 )
 
-from axolotl_alora import data
+from alora_bench import data
 
 
 def _test_split(docs: list[dict]) -> datasets.DatasetDict:
