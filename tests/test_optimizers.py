@@ -28,7 +28,7 @@ STEPS, GA = 3, 2
 # adamw_8bit is an alias of adamw_bnb_8bit in transformers (one class): one run covers both names
 OPTIMIZERS = [
     "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd",
-    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit", "rmsprop", "adagrad",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit",
 ]
 if os.environ.get("ALORA_TEST_OPTIMIZERS"):  # a subset while developing, e.g. adamw_torch,adamw_torch_fused
     OPTIMIZERS = os.environ["ALORA_TEST_OPTIMIZERS"].split(",")
