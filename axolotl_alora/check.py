@@ -41,9 +41,26 @@ def check_config(cfg: dict) -> list[str]:
     return problems
 
 
+def axolotl_behaviour() -> str:
+    """The installed Axolotl's version and what it does with plugin keys and plugins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("axolotl")
+    except PackageNotFoundError:
+        return "Axolotl is not installed here"
+    major_minor = tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+    if major_minor < (0, 21):
+        return (f"Axolotl {installed}: loads only the plugins listed under `plugins:` (an import failure is only logged) "
+                "and drops keys no listed plugin declares, so alora_ keys without the plugin train plain LoRA")
+    return (f"Axolotl {installed}: loads every installed `axolotl.plugins` entry point (this package's included) on every "
+            "run and `plugins:` entries with required=True; alora_ keys are validated whenever the package is installed")
+
+
 def run(args) -> int:
     import yaml
 
+    print(axolotl_behaviour())
     with open(args.config) as f:
         cfg = yaml.safe_load(f) or {}
     problems = check_config(cfg)

@@ -28,3 +28,17 @@ def test_good_and_plain_configs(tmp_path, capsys):
     assert "ALoRA settings OK" in capsys.readouterr().out
     assert main(["check", _write(tmp_path)]) == 0
     assert "plain Axolotl run" in capsys.readouterr().out
+
+
+def test_names_the_axolotl_version_and_what_it_does_with_plugin_keys(tmp_path, capsys, monkeypatch):
+    import importlib.metadata
+
+    from axolotl_alora.check import axolotl_behaviour
+
+    assert main(["check", _write(tmp_path)]) == 0
+    installed = importlib.metadata.version("axolotl")
+    assert f"Axolotl {installed}:" in capsys.readouterr().out
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.0")
+    assert "drops keys no listed plugin declares" in axolotl_behaviour()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
+    assert "loads every installed `axolotl.plugins` entry point" in axolotl_behaviour()
