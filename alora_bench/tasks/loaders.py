@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import datasets
 from lm_eval.tasks.medmcqa.utils_medmcqa import doc_to_text as medmcqa_doc_to_text  # noqa: F401
-from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401
-    process_results as wikitext_process_results,
-)
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results  # noqa: F401
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: F401
 
 from alora_bench import data
 
