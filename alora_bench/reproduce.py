@@ -19,7 +19,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -77,6 +77,7 @@ class Scale:
     fisher_samples: int
     fisher_max_length: int
     device: str
+    epochs: float | None = None  # where a step budget is 0: train this many epochs (the main job's --epochs)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,13 @@ class Paths:
 
     def run_dir(self, run: Run) -> Path:
         return self.work / "runs" / f"s{run.seed}" / run.task / run.run_id
+
+    def general_name(self, seed: int) -> str:
+        """The general stage's name for its config, log and cost entry."""
+        return f"s{seed}/general"
+
+    def run_name(self, run: Run) -> str:
+        return f"s{run.seed}/{run.task}/{run.run_id}"
 
     def lm_eval(self, run: Run) -> Path:
         if run.method.name == "base":
@@ -166,9 +174,9 @@ def ensure_general(paths: Paths, scale: Scale, seed: int) -> Path:
     if not (out / "alora_importance.safetensors").is_file():
         cfg = example("general", paths, scale, seed, out)
         cfg["datasets"][0]["path"] = str(paths.data / "general_train.jsonl")
-        cfg["max_steps"] = scale.general_steps
-        record_cost(paths, f"s{seed}/general (SI)", {**train(cfg, f"s{seed}/general", paths, scale), **file_cost(
-            out / "alora_importance.safetensors")})
+        budget(cfg, scale.general_steps, scale)
+        name = paths.general_name(seed)
+        record_cost(paths, f"{name} (SI)", {**train(cfg, name, paths, scale), **file_cost(out / "alora_importance.safetensors")})
     return out
 
 
@@ -192,7 +200,7 @@ def file_cost(path: Path) -> dict:
 def domain_config(run: Run, paths: Paths, scale: Scale) -> dict:
     cfg = example(run.method.example, paths, scale, run.seed, paths.run_dir(run))
     cfg["datasets"][0]["path"] = str(paths.data / f"{run.task}_train.jsonl")
-    cfg["max_steps"] = scale.domain_steps
+    budget(cfg, scale.domain_steps, scale)
     if "lora_model_dir" in cfg:
         cfg["lora_model_dir"] = str(paths.general(run.seed))
     if run.method.importance:
@@ -202,13 +210,23 @@ def domain_config(run: Run, paths: Paths, scale: Scale) -> dict:
     return cfg
 
 
+def budget(cfg: dict, steps: int, scale: Scale) -> None:
+    """`steps` optimizer steps, or with 0 and scale.epochs set, that many epochs."""
+    if steps or not scale.epochs:
+        cfg["max_steps"] = steps
+    else:
+        cfg.pop("max_steps", None)
+        cfg["num_epochs"] = scale.epochs
+
+
 def eval_tasks(task: str, select: bool) -> list[str]:
     return [*PPL_TASKS, f"alora_{task}", *([SELECT_TASK] if select else [])]
 
 
-def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = False) -> dict:
+def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = False, tasks: list[str] | None = None) -> dict:
     """Train (unless its lm-eval JSON exists) and evaluate one cell; returns its lm-eval results.
-    `select`: the sweep's runs are also scored on the validation split that the rule reads."""
+    `select`: the sweep's runs are also scored on the validation split that the rule reads.
+    `tasks`: evaluate these instead of the method's usual set (the main job's preset)."""
     out = paths.lm_eval(run)
     if out.is_file():
         return json.loads(out.read_text())
@@ -222,12 +240,12 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
         if run.method.importance == "fisher":
             ensure_fisher(paths, scale, run.seed)
         adapter = paths.run_dir(run)
-        name = f"s{run.seed}/{run.task}/{run.run_id}"
+        name = paths.run_name(run)
         if not (adapter / "adapter_model.safetensors").is_file():
             record_cost(paths, name, train(domain_config(run, paths, scale), name, paths, scale))
-    if run.method.example is not None:
+    if tasks is None and run.method.example is not None:
         tasks = eval_tasks(run.task, select)
-    else:  # every task once; Base also on the validation split, as the sweep's reference point
+    elif tasks is None:  # every task once; Base also on the validation split, as the sweep's reference point
         tasks = [*PPL_TASKS, *(f"alora_{t}" for t in TASKS), *([SELECT_TASK] if adapter is None else [])]
     limits = {t: (scale.ppl_limit if t in PPL_TASKS else scale.limit) or None for t in tasks}
     log(f"lm-eval {run.run_id} (seed {run.seed}, {run.task}): {', '.join(tasks)}")
@@ -404,7 +422,9 @@ def scale_of(args) -> Scale:
 def check_scale(paths: Paths, scale: Scale) -> None:
     path = paths.results / "scale.json"
     if path.is_file():
-        recorded = json.loads(path.read_text())
+        # a field added later compares as its default in records written before it
+        defaults = {f.name: f.default for f in fields(Scale) if f.default is not MISSING}
+        recorded = {**defaults, **json.loads(path.read_text())}
         if recorded != asdict(scale):
             diff = {k: (recorded.get(k), v) for k, v in asdict(scale).items() if recorded.get(k) != v}
             raise SystemExit(f"{paths.results} holds results made at another scale ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
