@@ -128,8 +128,9 @@ class RegularizedParameter:
         return (self.param,)
 
     def penalty(self) -> tuple[Tensor, list[Tensor]]:
-        weighted = self.omega * (self.param.float() - self.reference)  # Ω⊙(θ − θ^ν)
-        value = torch.dot(weighted.view(-1), (self.param.float() - self.reference).view(-1))
+        diff = self.param.float() - self.reference  # θ − θ^ν, formed once
+        weighted = self.omega * diff  # Ω⊙(θ − θ^ν)
+        value = torch.dot(weighted.view(-1), diff.view(-1))
         return value, [weighted.mul_(2.0)]
 
 
