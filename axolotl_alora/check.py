@@ -2,6 +2,8 @@
 
 Axolotl 0.19 drops unknown keys silently, so a config with alora_ keys but without the plugin in
 `plugins:` trains plain LoRA with no warning; no plugin hook can see that case. This command can.
+From 0.21 on, Axolotl loads every installed `axolotl.plugins` entry point (this package declares one),
+so there the same config runs ALoRA; the command says so, and that the line is needed on 0.19.
 """
 
 from __future__ import annotations
@@ -15,8 +17,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="an Axolotl YAML config")
 
 
-def check_config(cfg: dict) -> list[str]:
-    """Human-readable problems with `cfg`'s ALoRA settings; empty when it is fine (or uses no alora_ key)."""
+def installed_axolotl() -> tuple[str, tuple[int, ...]] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("axolotl")
+    except PackageNotFoundError:
+        return None
+    return installed, tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+
+
+def discovers_entry_points() -> bool:
+    """Whether the installed Axolotl loads every installed `axolotl.plugins` entry point (0.21 on)."""
+    found = installed_axolotl()
+    return found is not None and found[1] >= (0, 21)
+
+
+def lists_plugin(cfg: dict) -> bool:
+    return any(str(name).replace(":", ".") == PLUGIN for name in cfg.get("plugins") or [])
+
+
+def check_config(cfg: dict, discovers: bool | None = None) -> list[str]:
+    """Human-readable problems with `cfg`'s ALoRA settings; empty when it is fine (or uses no alora_ key).
+    `discovers`: whether Axolotl finds the plugin through its entry point (default: what the installed one does)."""
     from .args import check_alora_settings
     from .importance_file import ImportanceFileError, read_importance_file
 
@@ -24,7 +47,7 @@ def check_config(cfg: dict) -> list[str]:
     if not given:
         return []
     problems = []
-    if PLUGIN not in (cfg.get("plugins") or []):
+    if not lists_plugin(cfg) and not (discovers_entry_points() if discovers is None else discovers):
         problems.append(
             f"alora_ keys {sorted(given)} are set but `plugins:` does not list {PLUGIN}: Axolotl would drop them silently "
             "and train plain LoRA. Add it under `plugins:`."
@@ -43,13 +66,10 @@ def check_config(cfg: dict) -> list[str]:
 
 def axolotl_behaviour() -> str:
     """The installed Axolotl's version and what it does with plugin keys and plugins."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        installed = version("axolotl")
-    except PackageNotFoundError:
+    found = installed_axolotl()
+    if found is None:
         return "Axolotl is not installed here"
-    major_minor = tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+    installed, major_minor = found
     if major_minor < (0, 21):
         return (f"Axolotl {installed}: loads only the plugins listed under `plugins:` (an import failure is only logged) "
                 "and drops keys no listed plugin declares, so alora_ keys without the plugin train plain LoRA")
@@ -66,6 +86,10 @@ def run(args) -> int:
     problems = check_config(cfg)
     for p in problems:
         print(f"error: {p}")
+    uses_alora = any(k.startswith("alora_") and v is not None for k, v in cfg.items())
+    if not problems and uses_alora and not lists_plugin(cfg):
+        print(f"note: `plugins:` does not list {PLUGIN}; this Axolotl finds it through its entry point, Axolotl 0.19 would "
+              "drop the alora_ keys. List it to run on both.")
     if not problems:
-        print(f"{args.config}: ALoRA settings OK" if any(k.startswith("alora_") for k in cfg) else f"{args.config}: no alora_ keys (plain Axolotl run)")
+        print(f"{args.config}: ALoRA settings OK" if uses_alora else f"{args.config}: no alora_ keys (plain Axolotl run)")
     return 1 if problems else 0

@@ -44,10 +44,12 @@ class _Overflow(TrainerCallback):
 
 
 class Fp16OverflowPlugin(BasePlugin):
-    """List before axolotl_alora.AloraPlugin, so its callback runs before the importance recorder's."""
+    """Puts its callback first, so it runs before the importance recorder's (Axolotl 0.21 registers
+    discovered plugins before those under `plugins:`, so list order cannot ensure it)."""
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        return [_Overflow(int(os.environ["ALORA_TEST_OVERFLOW_AT"]))]
+        trainer.callback_handler.callbacks.insert(0, _Overflow(int(os.environ["ALORA_TEST_OVERFLOW_AT"])))
+        return []
 
 
 def _cpu_device_map():
@@ -65,7 +67,17 @@ def _cpu_device_map():
     ModelLoader._set_device_map_config = patched
 
 
+def _no_cuda_peer_probe():
+    # with WORLD_SIZE > 1 Axolotl 0.21 asks torch.cuda whether ranks can reach each other's GPUs while loading the
+    # config; torch's CUDA build (the only one for Python 3.12 here) raises there without a driver
+    import axolotl.utils.trainer as trainer_utils
+
+    if hasattr(trainer_utils, "check_cuda_p2p_ib_support") and not torch.cuda.is_available():
+        trainer_utils.check_cuda_p2p_ib_support = lambda: True
+
+
 _cpu_device_map()
+_no_cuda_peer_probe()
 
 
 class CpuDdpPlugin(BasePlugin):
@@ -110,14 +122,15 @@ class _AuditedRegularizer:
 class _OmegaAudit(TrainerCallback):
     """ω of eqs. 13-14 recomputed on dense float64 θ = s·B·A, from the same hooks the Trainer calls."""
 
-    def __init__(self, modules, audited, out_dir):
-        self.modules, self.audited, self.out_dir = modules, audited, out_dir
+    def __init__(self, modules, audited, out_dir, trainer):
+        self.modules, self.audited, self.out_dir, self.trainer = modules, audited, out_dir, trainer
 
     def _dense(self, m):
         return m.scaling * (m.B.detach().double() @ m.A.detach().double())
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = {m.name: self._dense(m) for m in self.modules}
+        self.start_A = {m.name: m.A.detach().float().clone() for m in self.modules}
         self.omega = {m.name: torch.zeros_like(self.start[m.name]) for m in self.modules}
         self.steps = 0
 
@@ -144,9 +157,25 @@ class _OmegaAudit(TrainerCallback):
         for m in self.modules:
             tensors[f"{m.name}.omega"] = self.omega[m.name].contiguous()
             tensors[f"{m.name}.delta"] = (self._dense(m) - self.start[m.name]).contiguous()
+            tensors[f"{m.name}.start_A"] = self.start_A[m.name].contiguous()
+        # what the importance recorder snapshotted as θ_0, and whether it tracks the very parameters being trained
+        recorder = _recorder(self.trainer)
+        if recorder is not None:
+            live = {m.name: (m.A, m.B) for m in self.modules}
+            for t in recorder.tracker.modules:
+                tensors[f"{t.name}.recorder_A_0"] = t.A_0.contiguous()
+                tensors[f"{t.name}.recorder_B_0"] = t.B_0.contiguous()
+            tracks_live = all(t.A is live[t.name][0] and t.B is live[t.name][1] for t in recorder.tracker.modules)
         save_file(tensors, str(Path(self.out_dir) / "audit_omega.safetensors"))
         records = self.audited.records if self.audited is not None else []
-        (Path(self.out_dir) / "audit.json").write_text(json.dumps({"penalty": records, "steps": self.steps}))
+        summary = {"penalty": records, "steps": self.steps, "recorder_tracks_live": tracks_live if recorder is not None else None}
+        (Path(self.out_dir) / "audit.json").write_text(json.dumps(summary))
+
+
+def _recorder(trainer):
+    from axolotl_alora.callbacks import ImportanceRecorder
+
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, ImportanceRecorder)), None)
 
 
 class AuditPlugin(BasePlugin):
@@ -155,7 +184,7 @@ class AuditPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer):  # Axolotl calls this before post_trainer_create
         from axolotl_alora.lora import adapted_modules
 
-        self._callback = _OmegaAudit(adapted_modules(trainer.model), None, cfg.output_dir)
+        self._callback = _OmegaAudit(adapted_modules(trainer.model), None, cfg.output_dir, trainer)
         return [self._callback]
 
     def post_trainer_create(self, cfg, trainer):

@@ -1,4 +1,4 @@
-"""`alora check`: catches what Axolotl 0.19 cannot report (alora_ keys without the plugin) before any training."""
+"""`alora check`: catches what Axolotl 0.19 cannot report (alora_ keys without the plugin) before any training, and knows 0.21 finds it."""
 
 import yaml
 
@@ -11,9 +11,21 @@ def _write(tmp_path, **cfg):
     return str(path)
 
 
-def test_keys_without_the_plugin(tmp_path, capsys):
-    assert main(["check", _write(tmp_path, alora_record_importance=True)]) == 1
+def test_keys_without_the_plugin(tmp_path, capsys, monkeypatch):
+    import importlib.metadata
+
+    cfg = _write(tmp_path, alora_record_importance=True)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.0")
+    assert main(["check", cfg]) == 1
     assert "does not list axolotl_alora.AloraPlugin" in capsys.readouterr().out
+    # 0.21 finds the plugin through its entry point: fine there, with a note about 0.19
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
+    assert main(["check", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "finds it through its entry point" in out and "ALoRA settings OK" in out
+    # the entry-point spelling under `plugins:` counts as listed
+    assert main(["check", _write(tmp_path, plugins=["axolotl_alora:AloraPlugin"], alora_record_importance=True)]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_missing_importance_file_and_bad_phi(tmp_path, capsys):
