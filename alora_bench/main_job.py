@@ -156,6 +156,19 @@ def reg_summary(work: Path) -> str:
     return f"last logged alora_reg_loss {last.get('alora_reg_loss')}, alora_reg_ratio (φ·L_reg/L_task) {last.get('alora_reg_ratio')}"
 
 
+def general_eval_cost(work: Path, timings: dict) -> str:
+    """Seconds the plugin spent scoring alora_general_eval in each stage, and their share of that stage's training."""
+    parts = []
+    for stage in ("general", "domain-alora", "domain-lora"):
+        path = work / "runs" / stage / "alora_general_eval.json"
+        wall = timings.get(f"train {stage}")
+        if path.is_file() and wall:
+            watched = json.loads(path.read_text())
+            parts.append(f"{stage} {watched['seconds']:.0f} s of {wall:.0f} s ({100 * watched['seconds'] / wall:.1f}%, "
+                         f"{1 + (watched['reference'] is not None) + len(watched['evaluations'])} scorings of {watched['sequences']} sequences)")
+    return "; ".join(parts) or "not measured (no alora_general_eval)"
+
+
 def render_report(args, work: Path, table: str, timings: dict, argv) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -171,7 +184,8 @@ def render_report(args, work: Path, table: str, timings: dict, argv) -> str:
         f"Scale: general {args.general_steps or f'{args.epochs} epochs'} steps, each domain stage {args.domain_steps or f'{args.epochs} epochs'} steps, "
         f"micro-batch {args.micro_batch_size} × 256 tokens; SciQ limit {args.limit or 'all'}, perplexity limit {args.ppl_limit or 'all'} documents per task, "
         f"lm-eval window {args.max_length or 'the model maximum'} tokens.  ",
-        f"ALoRA: {reg_summary(work)}.",
+        f"ALoRA: {reg_summary(work)}.  ",
+        f"In-training general-text loss (`alora_general_eval`), its cost in each stage's `axolotl train` wall time: {general_eval_cost(work, timings)}.",
         "",
         table.strip(),
         "",

@@ -165,6 +165,8 @@ def example(name: str, paths: Paths, scale: Scale, seed: int, output_dir: Path) 
     cfg = yaml.safe_load((EXAMPLES / f"{name}.yml").read_text())
     cfg.update(base_model=str(paths.base), dataset_prepared_path=str(paths.work / "prepared"), output_dir=str(output_dir),
                seed=seed, micro_batch_size=scale.micro_batch_size, sequence_len=scale.sequence_len)
+    if cfg.get("alora_general_eval"):
+        cfg["alora_general_eval"] = str(paths.data / "general_heldout.jsonl")
     return cfg
 
 
@@ -250,9 +252,13 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
     limits = {t: (scale.ppl_limit if t in PPL_TASKS else scale.limit) or None for t in tasks}
     log(f"lm-eval {run.run_id} (seed {run.seed}, {run.task}): {', '.join(tasks)}")
     from alora_bench.evaluation import evaluate_model
+    from alora_bench.evaluation.table import IN_TRAINING, in_training_result
 
     start = time.time()
     results = evaluate_model(paths.base, adapter, tasks, manager, limits, scale.device, 8, scale.max_length or None)
+    watched = in_training_result(adapter) if adapter is not None else None
+    if watched is not None:  # the plugin's general-text loss at the end of training, beside lm-eval's numbers
+        results["results"][IN_TRAINING] = watched
     results["alora_reproduce"] = {"run": run.run_id, "method": run.method.name, "task": run.task, "seed": run.seed,
                                   "phi": run.phi, "normalization": run.normalization, "scale": asdict(scale),
                                   "eval_wall_s": round(time.time() - start, 1),

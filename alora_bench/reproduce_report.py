@@ -12,7 +12,8 @@ import json
 import statistics
 from pathlib import Path
 
-PPL = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"))
+# the last: the plugin's own general-text loss at the end of the stage (alora_general_eval), as a per-token perplexity
+PPL = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"), ("alora_general_eval", "General token PPL in training ↓"))
 PPL_TASKS = {task for task, _ in PPL}
 TASK_LABELS = {"sciq": "SciQ", "piqa": "PIQA", "medmcqa": "MedMCQA"}
 SWEEP_COLUMNS = (("alora_wikitext2", "WikiText-2 PPL ↓"), ("alora_general_ppl", "General PPL ↓"),
@@ -25,7 +26,7 @@ def load(results_dir: Path) -> list[dict]:
     for path in sorted((results_dir / "lm-eval").rglob("*.json")):
         raw = json.loads(path.read_text())
         entry = dict(raw.get("alora_reproduce") or {})
-        entry["metrics"] = {task: r.get("word_perplexity,none", r.get("acc,none")) for task, r in raw["results"].items()}
+        entry["metrics"] = {task: r.get("word_perplexity,none", r.get("token_perplexity,none", r.get("acc,none"))) for task, r in raw["results"].items()}
         entry["path"] = path
         entries.append(entry)
     return entries
@@ -70,7 +71,7 @@ def cells(entries: list[dict], method, task: str, chosen, seeds: list[int]) -> l
 
 def table_head(tasks: list[str]) -> list[str]:
     head = "| method | " + " | ".join(f"{TASK_LABELS[t]} {label}" for t in tasks for label in [*(ppl for _, ppl in PPL), "acc ↑"]) + " |"
-    return [head, "|---|" + "---:|" * (3 * len(tasks))]
+    return [head, "|---|" + "---:|" * ((len(PPL) + 1) * len(tasks))]
 
 
 def table(entries, rows, tasks, chosen, seeds) -> str:
@@ -120,7 +121,9 @@ def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds
     by_name = {m.name: m for m in methods}
     note = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (n=… where fewer seeds have finished); accuracy in %, "
             f"lm-eval `acc` on the test split; PPL is lm-eval `word_perplexity` on WikiText-2 test and the general held-out "
-            f"slice after training on that column's task. Base is deterministic (one evaluation). "
+            f"slice after training on that column's task; \"in training\" is the plugin's `alora_general_loss` at the end of the stage "
+            f"(`alora_general_eval`, a fixed sample of the same held-out text) as a per-token perplexity, – where a run predates it. "
+            f"Base is deterministic (one evaluation). "
             f"\"General stage ν only\" is each seed's general adapter before any domain stage, so its numbers repeat across tasks. ")
     if chosen:
         note += f"ALoRA φ = {chosen['phi']:g} and EWCLoRA λ = {chosen['lambda']:g} (normalization mean), chosen by the sweep (sweep.md). "

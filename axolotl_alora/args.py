@@ -44,6 +44,14 @@ class AloraArgs(BaseModel):
     alora_importance_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", json_schema_extra={"description": "Storage dtype of Omega in the written file (compute is always float32)."}
     )
+    alora_general_eval: str | dict | None = Field(
+        default=None,
+        json_schema_extra={"description": "General text to watch forgetting on (a .txt or .jsonl file, or a dataset entry in `datasets:` syntax): "
+                           "its mean token loss is logged as alora_general_loss at every evaluation, with base and ν reference points."},
+    )
+    alora_general_eval_samples: int = Field(
+        default=256, gt=0, json_schema_extra={"description": "Sequences of sequence_len tokens drawn from alora_general_eval with the run's seed."}
+    )
     alora_allow_base_model_mismatch: bool | None = Field(
         default=None, json_schema_extra={"description": "Use an importance file recorded on a different base model (normally an error)."}
     )
@@ -72,11 +80,15 @@ def check_alora_settings(cfg, given: dict) -> None:
             raise ValueError("alora_phi is set but alora_importance_path is not: the regularizer needs the importance file from a general stage.")
         if float(phi) < 0:
             raise ValueError(f"alora_phi must be >= 0, got {phi}.")
-    if not record and not path:
+    general_eval = given.get("alora_general_eval")
+    if not record and not path and not general_eval:
         raise ValueError(
             f"ALoRA keys {sorted(given)} are set but the plugin has nothing to do: set "
-            "`alora_record_importance: true` (general stage) or `alora_importance_path: <file>` (domain stage)."
+            "`alora_record_importance: true` (general stage), `alora_importance_path: <file>` (domain stage) "
+            "or `alora_general_eval: <text>` (watch forgetting)."
         )
+    if isinstance(general_eval, dict) and not general_eval.get("path"):
+        raise ValueError("alora_general_eval: a dataset entry needs `path` (as in `datasets:`).")
     adapter = cfg.get("adapter")
     if adapter not in ("lora", "qlora"):
         raise ValueError(

@@ -61,6 +61,13 @@ def check_config(cfg: dict, discovers: bool | None = None) -> list[str]:
             read_importance_file(given["alora_importance_path"])
         except ImportanceFileError as e:
             problems.append(str(e))
+    if isinstance(given.get("alora_general_eval"), str):
+        from .general_eval import GeneralEvalError, read_documents
+
+        try:
+            read_documents(given["alora_general_eval"])
+        except GeneralEvalError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -16,7 +16,7 @@ LOG = logging.getLogger("axolotl.alora")
 
 
 def alora_enabled(cfg) -> bool:
-    return bool(cfg.get("alora_record_importance") or cfg.get("alora_importance_path"))
+    return bool(cfg.get("alora_record_importance") or cfg.get("alora_importance_path") or cfg.get("alora_general_eval"))
 
 
 class AloraPlugin(BasePlugin):
@@ -27,12 +27,19 @@ class AloraPlugin(BasePlugin):
         self.previous: ImportanceFile | None = None
         self.regularizer: Regularizer | None = None
         self.recorder = None
+        self.general_documents: list[str] | None = None
 
     def get_input_args(self):
         return "axolotl_alora.args.AloraArgs"
 
     def pre_model_load(self, cfg):
-        if not alora_enabled(cfg) or not cfg.alora_importance_path:
+        if not alora_enabled(cfg):
+            return
+        if cfg.alora_general_eval:  # a missing or empty text fails here, before the model loads
+            from .general_eval import read_documents
+
+            self.general_documents = read_documents(cfg.alora_general_eval)
+        if not cfg.alora_importance_path:
             return
         # every check that needs only the file runs here, before the model is loaded
         self.previous = read_importance_file(cfg.alora_importance_path)
@@ -105,4 +112,9 @@ class AloraPlugin(BasePlugin):
         trainer.alora_phi = float(cfg.alora_phi)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        return [self.recorder] if self.recorder is not None else []
+        callbacks = [self.recorder] if self.recorder is not None else []
+        if alora_enabled(cfg) and cfg.alora_general_eval:
+            from .general_eval import general_eval_callback
+
+            callbacks.append(general_eval_callback(cfg, trainer, self.general_documents, self.regularizer))
+        return callbacks

@@ -44,6 +44,9 @@ def test_defaults_are_the_papers(tmp_path):
         ({"alora_record_importance": True, "deepspeed": "zero3.json"}, "FSDP and DeepSpeed"),
         ({"alora_importance_path": "x.safetensors", "alora_softmax_temperature": -2.0}, "temperature"),
         ({"alora_importance_path": "x.safetensors", "alora_layer_weighting": "bogus"}, "alora_layer_weighting"),
+        ({"alora_general_eval_samples": 8}, "nothing to do"),
+        ({"alora_general_eval": "g.jsonl", "alora_general_eval_samples": 0}, "alora_general_eval_samples"),
+        ({"alora_general_eval": {"ds_type": "json"}}, "alora_general_eval: a dataset entry needs `path`"),
     ],
 )
 def test_bad_settings_fail_at_validation_naming_the_key(tmp_path, overrides, message):
@@ -63,3 +66,12 @@ def test_output_may_not_overwrite_the_importance_file_it_reads(tmp_path):
 def test_qlora_is_accepted(tmp_path):
     cfg = _validate(tmp_path, alora_record_importance=True, adapter="qlora", load_in_4bit=True)
     assert cfg.adapter == "qlora"
+
+
+def test_general_eval_alone_enables_the_plugin(tmp_path):
+    from axolotl_alora.plugin import alora_enabled
+
+    cfg = _validate(tmp_path, alora_general_eval="g.jsonl")
+    assert alora_enabled(cfg) and cfg.alora_general_eval_samples == 256 and cfg.alora_phi is None
+    entry = {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}
+    assert _validate(tmp_path, alora_general_eval=entry, alora_general_eval_samples=16).alora_general_eval == entry

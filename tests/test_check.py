@@ -5,6 +5,14 @@ import yaml
 from axolotl_alora.cli import main
 
 
+def _axolotl_version(fake: str):
+    """importlib.metadata.version with only Axolotl's answer faked (other packages' versions stay real)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    return lambda name: fake if name == "axolotl" else real(name)
+
+
 def _write(tmp_path, **cfg):
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump({"adapter": "lora", "output_dir": str(tmp_path / "out"), **cfg}))
@@ -15,11 +23,11 @@ def test_keys_without_the_plugin(tmp_path, capsys, monkeypatch):
     import importlib.metadata
 
     cfg = _write(tmp_path, alora_record_importance=True)
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.0")
+    monkeypatch.setattr(importlib.metadata, "version", _axolotl_version("0.19.0"))
     assert main(["check", cfg]) == 1
     assert "does not list axolotl_alora.AloraPlugin" in capsys.readouterr().out
     # 0.21 finds the plugin through its entry point: fine there, with a note about 0.19
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
+    monkeypatch.setattr(importlib.metadata, "version", _axolotl_version("0.21.0"))
     assert main(["check", cfg]) == 0
     out = capsys.readouterr().out
     assert "finds it through its entry point" in out and "ALoRA settings OK" in out
@@ -33,6 +41,12 @@ def test_missing_importance_file_and_bad_phi(tmp_path, capsys):
     assert main(["check", cfg]) == 1
     out = capsys.readouterr().out
     assert "alora_phi must be >= 0" in out and "none.safetensors does not exist" in out
+
+
+def test_missing_general_text(tmp_path, capsys):
+    cfg = _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_general_eval=str(tmp_path / "none.jsonl"))
+    assert main(["check", cfg]) == 1
+    assert "alora_general_eval" in capsys.readouterr().out
 
 
 def test_good_and_plain_configs(tmp_path, capsys):
@@ -50,7 +64,7 @@ def test_names_the_axolotl_version_and_what_it_does_with_plugin_keys(tmp_path, c
     assert main(["check", _write(tmp_path)]) == 0
     installed = importlib.metadata.version("axolotl")
     assert f"Axolotl {installed}:" in capsys.readouterr().out
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.0")
+    monkeypatch.setattr(importlib.metadata, "version", _axolotl_version("0.19.0"))
     assert "drops keys no listed plugin declares" in axolotl_behaviour()
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
+    monkeypatch.setattr(importlib.metadata, "version", _axolotl_version("0.21.0"))
     assert "loads every installed `axolotl.plugins` entry point" in axolotl_behaviour()

@@ -7,6 +7,7 @@ Independent runs go in parallel; each test waits only for the runs it reads.
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures as cf
 import json
 import math
@@ -24,6 +25,7 @@ from tiny import build_tiny_llama, write_text_jsonl
 pytestmark = pytest.mark.e2e
 FILE = "alora_importance.safetensors"
 PHI = 3e5  # large enough that the penalty visibly moves the adapter in 4 steps on this tiny model
+WATCH_SAMPLES = 8
 
 
 @dataclass
@@ -102,6 +104,7 @@ def runs(tmp_path_factory):
         from_init = {"lora_model_dir": str(r.init)}
         general_file = str(r.out("G_rec") / FILE)
         from_general = {"lora_model_dir": str(r.out("G_rec"))}
+        watch = {"alora_general_eval": str(gen), "alora_general_eval_samples": WATCH_SAMPLES}  # forgetting in the logs
 
         # stage ν
         r.submit("G_rec", gen, **from_init, **record)
@@ -116,7 +119,7 @@ def runs(tmp_path_factory):
         garbage.write_bytes(b"this is not a safetensors file" * 10)
         r.submit("garbage", dom, check=False, alora_importance_path=str(garbage), **from_init)
         # resume the interrupted run from its step-2 checkpoint
-        r.submit("G_resume", gen, after=["G_stop"], **from_init, **record,
+        r.submit("G_resume", gen, after=["G_stop"], **from_init, **record, **watch,
                  resume_from_checkpoint=str(r.out("G_stop") / "checkpoint-2"))
         # stage μ, continuing the general adapter
         after = ["G_rec"]
@@ -125,9 +128,17 @@ def runs(tmp_path_factory):
         r.submit("D_rec", dom, after=after, **from_general, alora_record_importance=True)
         r.submit("D_alora", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI)
         r.submit("D_ga", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
-                 micro_batch_size=1, gradient_accumulation_steps=4)
-        r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
+                 micro_batch_size=1, gradient_accumulation_steps=4, **watch)
+        r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch,
                  micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+        # D_alora watching the general-text loss: without evaluations (scored at the end), and with two
+        r.submit("D_watch", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch)
+        r.submit("D_watch_evals", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch,
+                 val_set_size=0.25, eval_steps=2)
+        # a stage with nothing but the general-text loss (no importance file: the rise over the base), and plain
+        # LoRA continuing the general adapter with it (ν: the adapter it starts from)
+        r.submit("G_watch", gen, **watch)
+        r.submit("D_lora_watch", dom, after=after, **from_general, **watch)
         # a fresh adapter under the penalty (L_reg > 0 from the first step) and its φ = 0 twin: the logged loss is L_task
         r.submit("D_fresh", dom, after=after, **from_init, alora_importance_path=general_file, alora_phi=PHI)
         r.submit("D_fresh0", dom, after=after, **from_init, alora_importance_path=general_file, alora_phi=0.0)
@@ -135,7 +146,7 @@ def runs(tmp_path_factory):
         every = {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"], "lora_modules_to_save": ["lm_head"]}
         r.submit("G_every", gen, alora_record_importance=True, **every)
         r.submit("D_every", dom, after=["G_every"], lora_model_dir=str(r.out("G_every")),
-                 alora_importance_path=str(r.out("G_every") / FILE), alora_phi=PHI, **every)
+                 alora_importance_path=str(r.out("G_every") / FILE), alora_phi=PHI, **every, **watch)
         # fp16 (on CPU: fp16 weights, no grad scaler), and one step overflowing as a grad scaler would see it
         r.submit("G_fp16", gen, **from_init, fp16=True, alora_record_importance=True)
         r.submit("G_fp16_overflow", gen, **from_init, fp16=True, alora_record_importance=True, env={"ALORA_TEST_OVERFLOW_AT": "1"},
@@ -292,3 +303,87 @@ def test_fp16_overflow_step_adds_nothing_and_the_stage_still_writes_its_file(run
     assert data.metadata["skipped_steps"] == [1] and data.metadata["steps"] == 4
     assert all(float(o.sum()) > 0 for o in data.omega.values())
     assert "1 optimizer step(s) had non-finite gradients or weights" in overflow.log and "steps 1" in overflow.log
+
+
+# -- the general-text loss (alora_general_eval) -------------------------------------------------------------
+def _watched(run) -> dict:
+    return json.loads((run.out / "alora_general_eval.json").read_text())
+
+
+def _independent_general_loss(runs, adapter_dir=None) -> float:
+    """transformers + peft, one sequence at a time, on the sample the run drew (seed 7, 64 tokens)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_alora.general_eval import read_documents, sample_sequences
+
+    tok = AutoTokenizer.from_pretrained(str(runs.model))
+    seqs = sample_sequences(read_documents(str(runs.general)), tok, 64, WATCH_SAMPLES, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(str(runs.model))
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        return sum(float(model(input_ids=s[None], labels=s[None]).loss) for s in seqs) / len(seqs)
+
+
+def test_general_loss_equals_transformers_and_peft_at_base_reference_and_end(runs):
+    run = runs.get("D_watch")
+    watched = _watched(run)
+    assert watched["sequences"] == WATCH_SAMPLES and watched["seed"] == 7 and watched["sequence_len"] == 64
+    assert watched["base"] == pytest.approx(_independent_general_loss(runs), rel=1e-5)
+    assert watched["reference"] == pytest.approx(_independent_general_loss(runs, runs.out("G_rec")), rel=1e-5)
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
+    assert [e["step"] for e in watched["evaluations"]] == [4]
+    assert len({watched["base"], watched["reference"], watched["final"]}) == 3, "three different adapters, three numbers"
+    kept = (watched["base"] - watched["final"]) / (watched["base"] - watched["reference"])
+    assert watched["kept_share"] == pytest.approx(kept)
+    logged = [ast.literal_eval(line.strip()) for line in run.log.splitlines() if line.strip().startswith("{'alora_general_loss'")]
+    assert len(logged) == 1 and float(logged[0]["alora_general_loss"]) == pytest.approx(watched["final"], rel=1e-3)
+    assert float(logged[0]["alora_general_ppl"]) == pytest.approx(math.exp(watched["final"]), rel=1e-3)
+    assert f"{round(100 * kept)}% of the general stage's gain kept" in run.log
+
+
+def test_watching_the_general_loss_changes_no_training(runs):
+    assert _same(runs.get("D_watch").adapter(), runs.get("D_alora").adapter())
+    assert [e["loss"] for e in runs.get("D_watch").logs] == [e["loss"] for e in runs.get("D_alora").logs]
+    assert _same(runs.get("D_lora_watch").adapter(), runs.get("D_plain").adapter())
+
+
+def test_plain_lora_continuing_the_general_adapter_takes_its_start_as_the_reference(runs):
+    run = runs.get("D_lora_watch")
+    watched = _watched(run)
+    assert watched["reference"] == pytest.approx(_independent_general_loss(runs, runs.out("G_rec")), rel=1e-5)
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
+    assert watched["kept_share"] is not None and "of the general stage's gain kept" in run.log
+
+
+def test_general_loss_at_every_evaluation(runs):
+    run = runs.get("D_watch_evals")
+    watched = _watched(run)
+    # Axolotl also evaluates before the first step
+    assert [e["step"] for e in watched["evaluations"]] == [0, 2, 4] and run.log.count("'eval_loss'") == 3
+    logged = [float(ast.literal_eval(line.strip())["alora_general_loss"]) for line in run.log.splitlines()
+              if line.strip().startswith("{'alora_general_loss'")]
+    assert logged == pytest.approx([e["loss"] for e in watched["evaluations"]], rel=1e-3)
+    assert watched["final"] == watched["evaluations"][-1]["loss"]
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
+
+
+def test_general_loss_without_a_general_stage_is_the_rise_over_the_base(runs):
+    run = runs.get("G_watch")
+    watched = _watched(run)
+    assert watched["reference"] is None and watched["kept_share"] is None
+    assert watched["rise_over_base"] == pytest.approx(watched["final"] - watched["base"])
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
+    assert "general-text loss base" in run.log and "→ now" in run.log and "kept" not in run.log.split("general-text loss base")[-1]
+
+
+@pytest.mark.parametrize("name", ["D_ddp", "D_ga", "D_every", "G_resume"])
+def test_general_loss_under_ddp_accumulation_full_parameters_and_resumption(runs, name):
+    run = runs.get(name)
+    watched = _watched(run)
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
+    reference = {"D_ddp": "G_rec", "D_ga": "G_rec", "D_every": "G_every"}.get(name)
+    if reference:  # θ^ν rebuilt from the file, full parameters (lm_head's copy) included
+        assert watched["reference"] == pytest.approx(_independent_general_loss(runs, runs.out(reference)), rel=1e-5)

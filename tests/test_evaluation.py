@@ -132,6 +132,23 @@ def test_table_with_stock_tasks_and_missing_cells(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["cells"]["pile_10k"] is None
 
 
+def test_the_plugins_in_training_number_is_one_more_column(tmp_path):
+    from alora_bench.evaluation import write_table
+    from alora_bench.evaluation.table import IN_TRAINING, in_training_result
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "alora_general_eval.json").write_text(json.dumps({"final": 2.5, "final_ppl": 12.182, "kept_share": 0.754, "sequences": 64}))
+    assert in_training_result(tmp_path) is None  # a run without the key
+    ppl = {"alora_general_ppl": {"word_perplexity,none": 20.0}}
+    results = {"base": {"results": ppl, "n-samples": {}},
+               "alora": {"results": {**ppl, IN_TRAINING: in_training_result(run_dir)}, "n-samples": {}}}
+    lines = write_table(results, tmp_path / "t.md").splitlines()
+    assert lines[0] == "| run | General held-out PPL ↓ | General held-out, in training, token PPL ↓ (kept) |"
+    assert lines[2:4] == ["| base | 20.00 | – |", "| alora | 20.00 | 12.18 (75%) |"]
+    assert "64 sequences of held-out general text" in lines[-1]
+
+
 def test_adapter_argument():
     assert runner._adapter("alora=/x/y") == ("alora", "/x/y")
     assert runner._adapter("/x/lora_run") == ("lora_run", "/x/lora_run")

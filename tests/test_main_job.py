@@ -1,5 +1,6 @@
 """The main job (README's first command) end to end on the tiny model: 1 step per stage, tiny eval limits."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,15 @@ def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
     for run in ("domain-alora", "domain-lora"):
         assert (work / "runs" / run / "adapter_model.safetensors").is_file()
     assert "ALoRA: regularizing" in (work / "logs" / "domain-alora.log").read_text()
-    assert "ALoRA:" not in (work / "logs" / "domain-lora.log").read_text()  # no alora_ key: the plugin is inert
+    plain = (work / "logs" / "domain-lora.log").read_text()
+    assert "ALoRA: regularizing" not in plain and "of the general stage's gain kept" in plain  # it only watches the general loss
+    for run in ("general", "domain-alora", "domain-lora"):
+        assert json.loads((work / "runs" / run / "alora_general_eval.json").read_text())["sequences"] == 64
     text = report.read_text()
     for row in ("| base |", "| general (ν) |", "| ALoRA (ν→μ) |", "| LoRA (ν+μ) |"):
         assert row in text
     assert "SciQ acc" in text and "WikiText-2 PPL" in text and "| total |" in text
+    header, base_row, general_row, alora_row, lora_row = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][:5]
+    column = header.index("General held-out, in training, token PPL ↓ (kept)")
+    assert base_row[column] == "–" and "%)" not in general_row[column] and "%)" in alora_row[column] and "%)" in lora_row[column]
     assert "scale: general 2 steps" in proc.stdout

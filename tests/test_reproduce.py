@@ -99,7 +99,9 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
     assert configs["alora_nolayer-mean-phi0.3"]["alora_layer_weighting"] == "uniform"
     assert configs["alora-mean-phi0.3"]["alora_importance_normalization"] == "mean"
     assert "ALoRA: regularizing" in (work / "logs" / "s0" / "sciq" / "alora-mean-phi0.3.log").read_text()
-    assert "ALoRA:" not in (work / "logs" / "s0" / "sciq" / "lora_mu.log").read_text()
+    assert "ALoRA: regularizing" not in (work / "logs" / "s0" / "sciq" / "lora_mu.log").read_text()
+    raw = json.loads((results / "lm-eval" / "s0" / "sciq" / "alora-mean-phi0.3.json").read_text())
+    assert raw["results"]["alora_general_eval"]["kept_share,none"] is not None  # the plugin's in-training number, beside lm-eval's
 
     table1 = (results / "table1.md").read_text()
     for method in reproduce.METHODS:
@@ -126,6 +128,7 @@ def _fake_run(results, method, seed, phi, wikitext, acc, task="sciq", normalizat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "results": {"alora_wikitext2": {"word_perplexity,none": wikitext}, "alora_general_ppl": {"word_perplexity,none": 2 * wikitext},
+                    "alora_general_eval": {"token_perplexity,none": wikitext / 2, "kept_share,none": 0.5},  # the plugin's in-training number
                     f"alora_{task}": {"acc,none": acc}},
         "alora_reproduce": {"run": f"{method}-{phi}", "method": method, "task": task, "seed": seed, "phi": phi,
                             "normalization": normalization}}))
@@ -149,11 +152,12 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
     write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
     means = (tmp_path / "table1.md").read_text().split("## Paired")[0]
     rows = {line.split(" | ")[0][2:]: line for line in means.splitlines() if line.startswith("| ")}
-    # mean 32, sample std of (30, 34) = 2.83; accuracy 85.0 ± 7.1 (in %); general PPL 64 ± 5.66
-    assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 85.0 ± 7.1 |"
-    assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
-    assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – |"
-    assert rows["General stage ν only"] == "| General stage ν only | 34.00 ± 1.41 | 68.00 ± 2.83 | 50.0 ± 0.0 |"
+    # mean 32, sample std of (30, 34) = 2.83; accuracy 85.0 ± 7.1 (in %); general PPL 64 ± 5.66; in training 16 ± 1.41
+    assert rows["ALoRA"] == "| ALoRA | 32.00 ± 2.83 | 64.00 ± 5.66 | 16.00 ± 1.41 | 85.0 ± 7.1 |"
+    assert rows["LoRA(μ)"] == "| LoRA(μ) | 40.00 (n=1) | 80.00 (n=1) | 20.00 (n=1) | 70.0 (n=1) |"  # one of two seeds done
+    assert rows["EWCLoRA"] == "| EWCLoRA | – | – | – | – |"
+    assert rows["General stage ν only"] == "| General stage ν only | 34.00 ± 1.41 | 68.00 ± 2.83 | – | 50.0 ± 0.0 |"
+    assert "General token PPL in training ↓" in means.splitlines()[2]
 
 
 def test_paired_differences_are_taken_within_each_seed(tmp_path):
@@ -171,8 +175,9 @@ def test_paired_differences_are_taken_within_each_seed(tmp_path):
     paired = text[text.index("## Paired"):]
     rows = {line.split(" | ")[0][2:]: line for line in paired.splitlines() if line.startswith("| ")}
     # differences -0.5 and -1.5: mean -1.00, std 0.71; general PPL (2x) -2.00 ± 1.41; accuracy +2 and -1: +0.5 ± 2.1
-    assert rows["ALoRA"] == "| ALoRA | -1.00 ± 0.71 (2 of 2 lower) | -2.00 ± 1.41 (2 of 2 lower) | +0.5 ± 2.1 (1 of 2 higher) |"
-    assert rows["LoRA(μ)"] == "| LoRA(μ) | +1.00 (0 of 1 lower) | +2.00 (0 of 1 lower) | +10.0 (1 of 1 higher) |"
+    assert rows["ALoRA"] == ("| ALoRA | -1.00 ± 0.71 (2 of 2 lower) | -2.00 ± 1.41 (2 of 2 lower) | -0.50 ± 0.35 (2 of 2 lower) "
+                             "| +0.5 ± 2.1 (1 of 2 higher) |")
+    assert rows["LoRA(μ)"] == "| LoRA(μ) | +1.00 (0 of 1 lower) | +2.00 (0 of 1 lower) | +0.50 (0 of 1 lower) | +10.0 (1 of 1 higher) |"
     assert "| LoRA(ν+μ) |" not in paired and "| Base |" not in paired
 
 

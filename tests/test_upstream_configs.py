@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 import upstream
 from e2e import train, train_logs
+from tiny import write_text_jsonl
 
 pytestmark = pytest.mark.e2e
 FILE = "alora_importance.safetensors"
@@ -41,6 +42,7 @@ CONFIGS = ["lora-1b.yml", "qlora-1b.yml", "instruct-lora-8b.yml"]
 PHI = 100.0
 SEQUENCE_LEN = 256  # upstream.REASONS["sequence_len"]
 N_RECORDS = 200  # enough for the steps of every config's batch (4 × micro 2 × GA ≤ 4, packed) and its eval split
+WATCH_SAMPLES = 8
 
 
 @dataclass
@@ -87,13 +89,14 @@ def _general_keys() -> dict:
     return {"plugins": ["axolotl_alora.AloraPlugin"], "alora_record_importance": True}
 
 
-def _domain_keys(general_out: Path, phi: float) -> dict:
+def _domain_keys(general_out: Path, phi: float, **extra) -> dict:
     return {
         "plugins": ["axolotl_alora.AloraPlugin"],
         "lora_model_dir": str(general_out),
         "alora_importance_path": str(general_out / FILE),
         "alora_importance_normalization": "mean",
         "alora_phi": phi,
+        **extra,
     }
 
 
@@ -102,6 +105,9 @@ def runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("upstream")
     with cf.ThreadPoolExecutor(max_workers=2) as pool:
         r = Runs(root, tiny_model_dir, pool)
+        # the φ > 0 domain stages also watch the general-text loss, at the config's own evaluations
+        watch = {"alora_general_eval": str(write_text_jsonl(root / "watch.jsonl", 100, seed=5, tokenizer_dir=tiny_model_dir, tokens=40)),
+                 "alora_general_eval_samples": WATCH_SAMPLES}
         stages = []
         for config in CONFIGS:
             up, stem = upstream.load(config), _stem(config)
@@ -117,7 +123,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 
             G = root / f"G_{stem}"
             r.submit(f"G_{stem}", make(data=general, **_general_keys()))
-            stages.append((f"D_{stem}", make(data=domain, **_domain_keys(G, PHI)), [f"G_{stem}"]))
+            stages.append((f"D_{stem}", make(data=domain, **_domain_keys(G, PHI, **watch)), [f"G_{stem}"]))
             stages.append((f"D0_{stem}", make(data=domain, **_domain_keys(G, 0.0)), [f"G_{stem}"]))
 
         for name, make_cfg, after in stages:  # every general stage is queued before any run that waits on one
@@ -231,6 +237,23 @@ def test_domain_stage_logs_a_positive_penalty(runs, config):
 def test_penalty_changes_the_domain_adapter(runs, config):
     stem = _stem(config)
     _check_penalty_moves_the_adapter(runs.get(f"G_{stem}"), runs.get(f"D_{stem}"), runs.get(f"D0_{stem}"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_general_loss_is_logged_at_every_evaluation(runs, config):
+    """alora_general_loss beside every eval_loss of the config's own cadence (QLoRA's 4-bit base and the 8-bit
+    base included), with the base (adapter disabled) and θ^ν reference points."""
+    run = runs.get(f"D_{_stem(config)}")
+    watched = json.loads((run.out / "alora_general_eval.json").read_text())
+    evals = run.log.count("'eval_loss'")
+    # one per evaluation, and one more at the end if the last evaluation came before the last step
+    assert evals >= 1 and len(watched["evaluations"]) in (evals, evals + 1), (evals, watched["evaluations"])
+    assert run.log.count("{'alora_general_loss'") == len(watched["evaluations"])
+    assert watched["sequences"] == WATCH_SAMPLES
+    values = [watched["base"], watched["reference"], *(e["loss"] for e in watched["evaluations"])]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    assert watched["base"] != watched["reference"], "the adapter must be disabled for the base point"
+    assert watched["final"] == watched["evaluations"][-1]["loss"]
 
 
 # ---------------------------------------------------------------------------------------------- B

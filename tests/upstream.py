@@ -52,6 +52,8 @@ REASONS = {
 # What each stage adds: the plugin's keys, and continuing the general adapter.
 STAGE_KEYS = {
     "plugins",
+    "alora_general_eval",
+    "alora_general_eval_samples",
     "alora_record_importance",
     "lora_model_dir",
     "alora_importance_path",

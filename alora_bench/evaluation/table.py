@@ -13,10 +13,13 @@ from pathlib import Path
 
 PPL_METRIC = "word_perplexity"
 ACC_METRIC = "acc"
+TOKEN_PPL_METRIC = "token_perplexity"  # the plugin's in-training number (alora_general_eval), not lm-eval's
+IN_TRAINING = "alora_general_eval"  # its entry in a run's "results", beside the lm-eval tasks
 FILTER = "none"  # lm-eval's filter name for tasks without filters
 LABELS = {
     "alora_wikitext2": "WikiText-2",
     "alora_general_ppl": "General held-out",
+    IN_TRAINING: "General held-out, in training,",
     "alora_sciq": "SciQ",
     "alora_sciq_valid": "SciQ valid",
     "alora_piqa": "PIQA",
@@ -24,8 +27,18 @@ LABELS = {
 }
 
 
+def in_training_result(run_dir: str | Path) -> dict | None:
+    """A run's `alora_general_eval.json` as an entry of its results: exp(final token loss) and the share kept."""
+    path = Path(run_dir) / "alora_general_eval.json"
+    if not path.is_file():
+        return None
+    watched = json.loads(path.read_text())
+    return {f"{TOKEN_PPL_METRIC},{FILTER}": watched["final_ppl"], f"loss,{FILTER}": watched["final"],
+            f"kept_share,{FILTER}": watched["kept_share"], "sequences": watched["sequences"]}
+
+
 def _metric(task_result: dict) -> str | None:
-    for metric in (PPL_METRIC, ACC_METRIC):
+    for metric in (PPL_METRIC, TOKEN_PPL_METRIC, ACC_METRIC):
         if f"{metric},{FILTER}" in task_result:
             return metric
     return None
@@ -46,11 +59,12 @@ def _columns(results: dict) -> list[dict]:
 def _column_order(task: str, metric: str) -> tuple:
     """Perplexity columns before accuracy ones; known tasks in LABELS order, then by name."""
     known = list(LABELS)
-    return (metric != PPL_METRIC, known.index(task) if task in known else len(known), task)
+    return (metric == ACC_METRIC, known.index(task) if task in known else len(known), task)
 
 
 def _label(task: str, metric: str) -> str:
-    return f"{LABELS.get(task, task)} {'PPL ↓' if metric == PPL_METRIC else 'acc ↑'}"
+    unit = {PPL_METRIC: "PPL ↓", TOKEN_PPL_METRIC: "token PPL ↓ (kept)", ACC_METRIC: "acc ↑"}[metric]
+    return f"{LABELS.get(task, task)} {unit}"
 
 
 def _cell(run: dict, task: str, metric: str) -> dict | None:
@@ -58,10 +72,10 @@ def _cell(run: dict, task: str, metric: str) -> dict | None:
     if f"{metric},{FILTER}" not in task_result:
         return None
     stderr = task_result.get(f"{metric}_stderr,{FILTER}")
-    return {
-        "value": task_result[f"{metric},{FILTER}"],
-        "stderr": stderr if isinstance(stderr, (int, float)) else None,
-    }
+    cell = {"value": task_result[f"{metric},{FILTER}"], "stderr": stderr if isinstance(stderr, (int, float)) else None}
+    if metric == TOKEN_PPL_METRIC:
+        cell["kept_share"] = task_result.get(f"kept_share,{FILTER}")
+    return cell
 
 
 def build_table(results: dict) -> dict:
@@ -75,15 +89,19 @@ def build_table(results: dict) -> dict:
     for run in results.values():
         for task, n in run.get("n-samples", {}).items():
             samples.setdefault(task, n["effective"])
+        if IN_TRAINING in run["results"]:
+            samples.setdefault(IN_TRAINING, run["results"][IN_TRAINING]["sequences"])
     return {"columns": columns, "rows": rows, "samples": {c["task"]: samples.get(c["task"]) for c in columns}}
 
 
 def _format(cell: dict | None, metric: str) -> str:
     if cell is None:
         return "–"
-    text = f"{cell['value']:.2f}" if metric == PPL_METRIC else f"{cell['value']:.4f}"
+    text = f"{cell['value']:.4f}" if metric == ACC_METRIC else f"{cell['value']:.2f}"
     if cell["stderr"] is not None:
         text += f" ± {cell['stderr']:.4f}"
+    if cell.get("kept_share") is not None:
+        text += f" ({100 * cell['kept_share']:.0f}%)"
     return text
 
 
@@ -96,12 +114,18 @@ def to_markdown(table: dict) -> str:
     for row in table["rows"]:
         cells = [_format(row["cells"][c["task"]], c["metric"]) for c in columns]
         lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
-    counted = ", ".join(f"{c['task']} {table['samples'][c['task']]}" for c in columns)
+    counted = ", ".join(f"{c['task']} {table['samples'][c['task']]}" for c in columns if c["task"] != IN_TRAINING)
     lines += [
         "",
         f"PPL: lm-eval `{PPL_METRIC}` (rolling log-likelihood, per whitespace word). "
         f"acc: lm-eval `{ACC_METRIC}` ± its standard error. Documents scored: {counted}.",
     ]
+    if any(c["task"] == IN_TRAINING for c in columns):
+        lines.append(
+            "In training: the plugin's `alora_general_loss` at the end of each stage (`alora_general_eval`: "
+            f"{table['samples'].get(IN_TRAINING)} sequences of held-out general text), as a per-token perplexity; in brackets, "
+            "the share of the general stage's gain in that loss the domain stage kept."
+        )
     return "\n".join(lines) + "\n"
 
 

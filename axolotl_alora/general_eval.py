@@ -1,0 +1,254 @@
+"""Forgetting while it happens: the mean token cross-entropy on a fixed sample of general text.
+
+`alora_general_eval` names the text (a .txt or .jsonl file, or a dataset entry in Axolotl's `datasets:`
+syntax); `alora_general_eval_samples` sequences of `sequence_len` tokens are drawn from it with the run's
+seed. The plugin scores the sample once at the start for the reference points (the base model with the
+adapter disabled; θ^ν rebuilt from the importance file in a domain stage that has one, else the adapter a
+stage continuing an earlier one (`lora_model_dir`) starts from), then at every
+evaluation (or at the end when the run has none), and ends with one line: base → ν → now, and the share
+of the general stage's gain kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from transformers import TrainerCallback
+
+LOG = logging.getLogger("axolotl.alora")
+DEFAULT_SAMPLES = 256
+GENERAL_EVAL_FILENAME = "alora_general_eval.json"
+
+
+class GeneralEvalError(ValueError):
+    """`alora_general_eval` names no usable text."""
+
+
+# -- the sample ------------------------------------------------------------------------------------------
+def read_documents(spec) -> list[str]:
+    """The documents `spec` names: a .txt file (one document), a .jsonl/.json file (each row's `text`), or a
+    dataset entry in Axolotl's `datasets:` syntax (a dict, loaded with Axolotl's own loader; `field` names the
+    text column, default `text`)."""
+    if isinstance(spec, dict):
+        return _dataset_documents(spec)
+    path = Path(str(spec))
+    if not path.is_file():
+        raise GeneralEvalError(f"alora_general_eval: {path} does not exist (give a .txt or .jsonl file, or a dataset entry).")
+    if path.suffix == ".txt":
+        documents = [path.read_text(encoding="utf-8")]
+    elif path.suffix in (".jsonl", ".json"):
+        documents = _dataset_documents({"path": str(path), "ds_type": "json"})
+    else:
+        raise GeneralEvalError(f"alora_general_eval: {path} is neither .txt nor .jsonl; use one of those or a dataset entry.")
+    documents = [d for d in documents if d and d.strip()]
+    if not documents:
+        raise GeneralEvalError(f"alora_general_eval: {path} holds no text.")
+    return documents
+
+
+def _dataset_documents(entry: dict) -> list[str]:
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+
+    field = entry.get("field") or "text"
+    try:
+        dataset = load_dataset_with_config(DictDefault({"split": "train", **entry}), use_auth_token=False)
+    except Exception as e:  # noqa: BLE001 - any loader failure means the same thing to the user
+        raise GeneralEvalError(f"alora_general_eval: could not load {entry}: {e}") from e
+    if field not in dataset.column_names:
+        raise GeneralEvalError(f"alora_general_eval: {entry.get('path')} has no column {field!r} (columns: {dataset.column_names}); set `field`.")
+    documents = [d for d in dataset[field] if isinstance(d, str) and d.strip()]
+    if not documents:
+        raise GeneralEvalError(f"alora_general_eval: {entry.get('path')} holds no text in column {field!r}.")
+    return documents
+
+
+def sample_sequences(documents: list[str], tokenizer, sequence_len: int, samples: int, seed: int) -> Tensor:
+    """`samples` distinct windows of `sequence_len` tokens (or all there are, if fewer) from the documents joined
+    with EOS and cut into consecutive windows, chosen by `seed`: a samples×sequence_len LongTensor."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in documents:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+    windows = len(ids) // sequence_len
+    if windows == 0:
+        raise GeneralEvalError(
+            f"alora_general_eval: the text has {len(ids)} tokens, fewer than one sequence of sequence_len={sequence_len}; give more text."
+        )
+    chosen = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    if windows < samples:
+        LOG.warning("ALoRA: alora_general_eval has %d sequences of %d tokens, fewer than alora_general_eval_samples=%d; scoring all of them",
+                    windows, sequence_len, samples)
+    table = torch.tensor(ids[: windows * sequence_len], dtype=torch.long).view(windows, sequence_len)
+    return table[chosen]
+
+
+# -- scoring -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_token_loss(model, sequences: Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> float:
+    """Mean next-token cross-entropy over every predicted token of `sequences`, the model in eval mode.
+    With world_size > 1 each rank scores every world_size-th sequence and the sums are all-reduced."""
+    device = next(p.device for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for batch in sequences[rank::world_size].split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+@contextlib.contextmanager
+def reference_weights(modules, parameters) -> Iterator[None]:
+    """The live adapter temporarily set to θ^ν (the regularizer's reference A^ν, B^ν and full parameters)."""
+    saved = []
+    with torch.no_grad():
+        try:
+            for m in modules:
+                for live, ref in ((m.A, m.A_ref), (m.B, m.B_ref)):
+                    saved.append((live, live.detach().clone()))
+                    live.copy_(ref.to(live.dtype))
+            for p in parameters:
+                saved.append((p.param, p.param.detach().clone()))
+                p.param.copy_(p.reference.to(p.param.dtype))
+            yield
+        finally:
+            for live, value in saved:
+                live.copy_(value)
+
+
+def kept_share(base: float, reference: float, now: float) -> float:
+    """The share of the general stage's gain (base − ν) still there now: (base − now) / (base − ν)."""
+    return (base - now) / (base - reference)
+
+
+@dataclass
+class GeneralScores:
+    base: float
+    reference: float | None = None
+
+    def verdict(self, now: float) -> str:
+        if self.reference is None:
+            return (f"ALoRA: general-text loss base {self.base:.4f} → now {now:.4f} "
+                    f"({now - self.base:+.4f}, perplexity {math.exp(self.base):.2f} → {math.exp(now):.2f})")
+        line = f"ALoRA: general-text loss base {self.base:.4f} → ν {self.reference:.4f} → now {now:.4f}"
+        if self.base - self.reference > 0:
+            return line + f"; {100 * kept_share(self.base, self.reference, now):.0f}% of the general stage's gain kept"
+        return line + f"; the general stage did not lower it, so no share is given ({now - self.base:+.4f} over the base)"
+
+
+# -- the Trainer callback ----------------------------------------------------------------------------------
+class GeneralEvalCallback(TrainerCallback):
+    """Scores the sample at the start (base, ν), at every evaluation, and at the last step if no evaluation scores it."""
+
+    def __init__(self, trainer, sequences: Tensor, regularizer=None, output_dir: str | None = None, settings: dict | None = None,
+                 start_is_reference: bool = False):
+        self.trainer, self.sequences, self.regularizer = trainer, sequences, regularizer
+        self.start_is_reference = start_is_reference  # the stage continues an earlier adapter (lora_model_dir): that is ν
+        self.output_dir, self.settings = output_dir, settings or {}
+        self.scores: GeneralScores | None = None
+        self.evaluations: list[dict] = []
+        self.last: float | None = None
+        self.last_step: int | None = None
+        self.seconds = 0.0  # spent scoring, for its cost beside the training time
+
+    def _score(self, model) -> float:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        start = time.perf_counter()
+        with self.trainer.compute_loss_context_manager():  # the eval loop's precision (autocast where the Trainer uses it)
+            loss = mean_token_loss(model, self.sequences, self.trainer.args.per_device_eval_batch_size, rank, world)
+        self.seconds += time.perf_counter() - start
+        return loss
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        with model.disable_adapter():
+            base = self._score(model)
+        reference = None
+        swappable = self._swappable()
+        if swappable is not None:
+            with reference_weights(*swappable):
+                reference = self._score(model)
+        elif self.start_is_reference and state.global_step == 0:  # not when resuming: the weights are a checkpoint's
+            reference = self._score(model)
+        self.scores = GeneralScores(base, reference)
+        if state.is_world_process_zero:
+            LOG.info("ALoRA: general-text loss on %d sequences: base %.4f%s", len(self.sequences), base,
+                     f", ν {reference:.4f}" if reference is not None else "")
+
+    def _swappable(self):
+        if self.regularizer is None:
+            return None
+        modules = [m for m in self.regularizer.modules if hasattr(m, "A_ref")]
+        parameters = [m for m in self.regularizer.modules if not hasattr(m, "A_ref")]
+        if any(m.A_ref.shape != m.A.shape or m.B_ref.shape != m.B.shape for m in modules):
+            LOG.info("ALoRA: the importance file's reference adapter has another LoRA shape; no ν point for the general-text loss")
+            return None
+        return modules, parameters
+
+    def _log_now(self, model, step: int, control) -> None:
+        self.last, self.last_step = self._score(model), step
+        self.evaluations.append({"step": step, "loss": self.last})
+        should_log = control.should_log
+        self.trainer.log({"alora_general_loss": self.last, "alora_general_ppl": math.exp(self.last)})
+        control.should_log = should_log  # Trainer.log clears it: the step's own log entry must still happen
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._log_now(model, state.global_step, control)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # the last step without an evaluation of its own: score it now, while the Trainer still logs and prints
+        if state.max_steps and state.global_step >= state.max_steps and not control.should_evaluate:
+            self._log_now(model, state.global_step, control)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.last is None or self.last_step != state.global_step:  # stopped early, before any score of its last step
+            self._log_now(model, state.global_step, control)
+        if state.is_world_process_zero:
+            LOG.info(self.scores.verdict(self.last))
+            if self.output_dir:
+                write_json_atomically(Path(self.output_dir) / GENERAL_EVAL_FILENAME, self.summary())
+
+    def summary(self) -> dict:
+        """What the run's general-text loss did (written to <output_dir>/alora_general_eval.json)."""
+        base, reference, now = self.scores.base, self.scores.reference, self.last
+        kept = kept_share(base, reference, now) if reference is not None and base - reference > 0 else None
+        return {**self.settings, "sequences": len(self.sequences), "base": base, "reference": reference,
+                "evaluations": self.evaluations, "final": now, "final_ppl": math.exp(now), "rise_over_base": now - base, "kept_share": kept,
+                "seconds": round(self.seconds, 2)}
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def general_eval_callback(cfg, trainer, documents: list[str] | None = None, regularizer=None) -> GeneralEvalCallback:
+    """The callback for a run's config; samples the text now, so a text too short fails before training."""
+    tokenizer = getattr(trainer, "processing_class", None) or trainer.tokenizer
+    documents = documents if documents is not None else read_documents(cfg.alora_general_eval)
+    seed = cfg.seed if cfg.seed is not None else 42
+    sequences = sample_sequences(documents, tokenizer, int(cfg.sequence_len), int(cfg.alora_general_eval_samples or DEFAULT_SAMPLES), seed)
+    settings = {"source": str(cfg.alora_general_eval), "sequence_len": int(cfg.sequence_len), "seed": seed}
+    return GeneralEvalCallback(trainer, sequences, regularizer, output_dir=cfg.output_dir, settings=settings,
+                               start_is_reference=bool(cfg.lora_model_dir))
