@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -93,3 +94,64 @@ def _number(v):
         return float(v)
     except (TypeError, ValueError):
         return v
+
+
+IMPORTANCE_FILE = "alora_importance.safetensors"
+
+
+@dataclass
+class Run:
+    """One finished `axolotl train` run: its output folder, exit code and log."""
+
+    out: Path
+    returncode: int
+    log: str
+
+    @property
+    def logs(self):
+        return train_logs(self.log)
+
+    def adapter(self):
+        from safetensors.torch import load_file
+
+        return load_file(str(self.out / "adapter_model.safetensors"))
+
+    def importance(self):
+        from safetensors.torch import load_file
+
+        return load_file(str(self.out / IMPORTANCE_FILE))
+
+    def metadata(self):
+        from axolotl_alora.importance_file import read_metadata
+
+        return read_metadata(self.out / IMPORTANCE_FILE)
+
+
+class Runs:
+    """A tiny Llama with general and domain text, and `axolotl train` runs on it submitted to a thread pool;
+    each run waits only for the runs it names in `after`. `defaults` are config overrides every run gets."""
+
+    def __init__(self, root: Path, pool, launcher: list[str] | None = None, **defaults):
+        from tiny import build_tiny_llama, write_text_jsonl
+
+        self.root, self.pool, self.futures, self.launcher, self.defaults = root, pool, {}, launcher, defaults
+        self.model = build_tiny_llama(root / "model")
+        self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
+        self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
+
+    def submit(self, name, data, after=(), launcher=None, env=None, check=True, **overrides):
+        def job():
+            for dep in after:
+                self.get(dep)
+            out = self.root / name
+            cfg = base_config(self.model, data, out, self.root / f"prepared_{name}", **{**self.defaults, **overrides})
+            proc = train(cfg, self.root / f"{name}.yml", launcher=launcher or self.launcher, check=check, env=env)
+            return Run(out, proc.returncode, proc.stdout + "\n" + proc.stderr)
+
+        self.futures[name] = self.pool.submit(job)
+
+    def get(self, name) -> Run:
+        return self.futures[name].result()
+
+    def out(self, name) -> Path:
+        return self.root / name

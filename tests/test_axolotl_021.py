@@ -16,14 +16,12 @@ import concurrent.futures as cf
 import json
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from e2e import base_config, train, train_logs
-from tiny import build_tiny_llama, write_text_jsonl
+from e2e import Runs, train_logs
 
 AXOLOTL = tuple(int(p) for p in version("axolotl").split(".")[:2])
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(AXOLOTL < (0, 21), reason="Axolotl 0.21's plugin discovery and seeded LoRA init")]
@@ -35,32 +33,10 @@ HIDDEN = {"ALORA_TEST_HIDE_ENTRY_POINT": "1"}
 AUDITED = ["axolotl_alora.AloraPlugin", "scaffold_plugins.AuditPlugin"]
 
 
-class Runs:
-    def __init__(self, root: Path, pool: cf.ThreadPoolExecutor):
-        self.root, self.pool, self.futures = root, pool, {}
-        self.model = build_tiny_llama(root / "model")
-        self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
-        self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
-
-    def submit(self, name, data, after=(), env=None, check=True, **overrides):
-        def job():
-            for dep in after:
-                self.get(dep)
-            out = self.root / name
-            cfg = base_config(self.model, data, out, self.root / f"prepared_{name}", seed=SEED, **overrides)
-            proc = train(cfg, self.root / f"{name}.yml", launcher=PROBE, check=check, env=env)
-            return out, proc.returncode, proc.stdout + "\n" + proc.stderr
-
-        self.futures[name] = self.pool.submit(job)
-
-    def get(self, name):
-        return self.futures[name].result()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     with cf.ThreadPoolExecutor(max_workers=3) as pool:
-        r = Runs(tmp_path_factory.mktemp("axolotl021"), pool)
+        r = Runs(tmp_path_factory.mktemp("axolotl021"), pool, launcher=PROBE, seed=SEED)
         # no alora_ key, no `plugins:` line: with the package's entry point, and hidden as if not installed
         r.submit("plain", r.general, plugins=None)
         r.submit("plain_hidden", r.general, plugins=None, env=HIDDEN)
@@ -83,8 +59,8 @@ def _trainer_class(log: str) -> str:
 
 
 def test_without_alora_keys_training_is_what_it_is_without_the_package(runs):
-    out, _, log = runs.get("plain")
-    hidden_out, _, hidden_log = runs.get("plain_hidden")
+    out, log = runs.get("plain").out, runs.get("plain").log
+    hidden_out, hidden_log = runs.get("plain_hidden").out, runs.get("plain_hidden").log
     # the entry point was really loaded in one run and really hidden in the other
     assert "Plugin loaded successfully: axolotl_alora.AloraPlugin" in log
     assert "axolotl_alora" not in hidden_log
@@ -98,9 +74,9 @@ def test_without_alora_keys_training_is_what_it_is_without_the_package(runs):
 
 
 def test_entry_point_discovery_alone_runs_the_workflow(runs):
-    general, _, general_log = runs.get("general_found")
+    general, general_log = runs.get("general_found").out, runs.get("general_found").log
     assert "ALoRA: wrote importance" in general_log and (general / FILE).is_file()
-    _, _, log = runs.get("domain_found")
+    log = runs.get("domain_found").log
     assert _trainer_class(log) == "axolotl_alora.trainer.AloraTrainer"
     reg = [e["alora_reg_loss"] for e in train_logs(log)]
     assert reg[0] == 0.0 and reg[-1] > 0, reg
@@ -108,7 +84,7 @@ def test_entry_point_discovery_alone_runs_the_workflow(runs):
 
 def test_key_checks_fire_before_the_model_loads_without_a_plugins_line(runs):
     for name, message in [("bad_phi", "alora_phi must be >= 0"), ("missing_file", "missing.safetensors")]:
-        _, returncode, log = runs.get(name)
+        returncode, log = runs.get(name).returncode, runs.get(name).log
         assert returncode != 0 and message in log, log[-3000:]
         assert "Loading weights" not in log, f"{name}: the model was loaded before the check"
 
@@ -122,7 +98,7 @@ def test_recorder_starts_from_the_seeded_adapter_training_starts_from(runs):
 
     from axolotl_alora.importance_file import read_importance_file
 
-    out, _, _ = runs.get("general_listed")
+    out = runs.get("general_listed").out
     audit = json.loads((out / "audit.json").read_text())
     tensors = load_file(str(out / "audit_omega.safetensors"))
     assert audit["recorder_tracks_live"] is True
@@ -143,7 +119,7 @@ def test_recorder_starts_from_the_seeded_adapter_training_starts_from(runs):
 
 
 def test_domain_stage_starts_from_the_reference_adapter(runs):
-    out, _, log = runs.get("domain_listed")
+    out = runs.get("domain_listed").out
     records = json.loads((out / "audit.json").read_text())["penalty"]
     assert records[0]["dense"] == 0.0 and records[0]["ours"] == 0.0, "training must start at θ^ν (lora_model_dir: no re-draw)"
     assert records[-1]["dense"] > 0 and records[-1]["ours"] == pytest.approx(records[-1]["dense"], rel=1e-4)

@@ -12,68 +12,17 @@ import concurrent.futures as cf
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from e2e import base_config, train, train_logs
-from tiny import build_tiny_llama, write_text_jsonl
+from e2e import Runs
 
 pytestmark = pytest.mark.e2e
 FILE = "alora_importance.safetensors"
 PHI = 3e5  # large enough that the penalty visibly moves the adapter in 4 steps on this tiny model
 WATCH_SAMPLES = 8
-
-
-@dataclass
-class Run:
-    out: Path
-    returncode: int
-    log: str
-
-    @property
-    def logs(self):
-        return train_logs(self.log)
-
-    def adapter(self):
-        return load_file(str(self.out / "adapter_model.safetensors"))
-
-    def importance(self):
-        return load_file(str(self.out / FILE))
-
-    def metadata(self):
-        from axolotl_alora.importance_file import read_metadata
-
-        return read_metadata(self.out / FILE)
-
-
-class Runs:
-    def __init__(self, root: Path, pool: cf.ThreadPoolExecutor):
-        self.root, self.pool, self.futures = root, pool, {}
-        self.model = build_tiny_llama(root / "model")
-        self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
-        self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
-        self.init = _init_adapter(self.model, root / "init")
-
-    def submit(self, name, data, after=(), launcher=None, env=None, check=True, **overrides):
-        def job():
-            for dep in after:
-                self.get(dep)
-            out = self.root / name
-            cfg = base_config(self.model, data, out, self.root / f"prepared_{name}", **overrides)
-            proc = train(cfg, self.root / f"{name}.yml", launcher=launcher, check=check, env=env)
-            return Run(out, proc.returncode, proc.stdout + "\n" + proc.stderr)
-
-        self.futures[name] = self.pool.submit(job)
-
-    def get(self, name) -> Run:
-        return self.futures[name].result()
-
-    def out(self, name) -> Path:
-        return self.root / name
 
 
 def _init_adapter(model_dir: Path, out: Path) -> Path:
@@ -98,6 +47,7 @@ DDP_ENV = {"ACCELERATE_USE_CPU": "true"}  # else accelerate picks DistributedTyp
 def runs(tmp_path_factory):
     with cf.ThreadPoolExecutor(max_workers=3) as pool:
         r = Runs(tmp_path_factory.mktemp("e2e"), pool)
+        r.init = _init_adapter(r.model, r.root / "init")
         gen, dom = r.general, r.domain
         saving = {"save_strategy": "steps", "save_steps": 2}
         record = {"alora_record_importance": True, **saving}
