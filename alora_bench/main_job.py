@@ -158,9 +158,11 @@ def reg_summary(work: Path) -> str:
 
 def general_eval_cost(work: Path, timings: dict) -> str:
     """Seconds the plugin spent scoring alora_general_eval in each stage, and their share of that stage's training."""
+    from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
+
     parts = []
     for stage in ("general", "domain-alora", "domain-lora"):
-        path = work / "runs" / stage / "alora_general_eval.json"
+        path = work / "runs" / stage / GENERAL_EVAL_FILENAME
         wall = timings.get(f"train {stage}")
         if path.is_file() and wall:
             watched = json.loads(path.read_text())

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import TrainerCallback
 
+from .regularizer import RegularizedModule
+
 LOG = logging.getLogger("axolotl.alora")
 DEFAULT_SAMPLES = 256
 GENERAL_EVAL_FILENAME = "alora_general_eval.json"
@@ -146,13 +148,20 @@ class GeneralScores:
     base: float
     reference: float | None = None
 
+    def kept(self, now: float) -> float | None:
+        """kept_share, where it is defined: there is a ν and the general stage lowered the loss."""
+        if self.reference is None or not self.base - self.reference > 0:
+            return None
+        return kept_share(self.base, self.reference, now)
+
     def verdict(self, now: float) -> str:
         if self.reference is None:
             return (f"ALoRA: general-text loss base {self.base:.4f} → now {now:.4f} "
                     f"({now - self.base:+.4f}, perplexity {math.exp(self.base):.2f} → {math.exp(now):.2f})")
         line = f"ALoRA: general-text loss base {self.base:.4f} → ν {self.reference:.4f} → now {now:.4f}"
-        if self.base - self.reference > 0:
-            return line + f"; {100 * kept_share(self.base, self.reference, now):.0f}% of the general stage's gain kept"
+        kept = self.kept(now)
+        if kept is not None:
+            return line + f"; {100 * kept:.0f}% of the general stage's gain kept"
         return line + f"; the general stage did not lower it, so no share is given ({now - self.base:+.4f} over the base)"
 
 
@@ -197,8 +206,8 @@ class GeneralEvalCallback(TrainerCallback):
     def _swappable(self):
         if self.regularizer is None:
             return None
-        modules = [m for m in self.regularizer.modules if hasattr(m, "A_ref")]
-        parameters = [m for m in self.regularizer.modules if not hasattr(m, "A_ref")]
+        modules = [m for m in self.regularizer.modules if isinstance(m, RegularizedModule)]
+        parameters = [m for m in self.regularizer.modules if not isinstance(m, RegularizedModule)]
         if any(m.A_ref.shape != m.A.shape or m.B_ref.shape != m.B.shape for m in modules):
             LOG.info("ALoRA: the importance file's reference adapter has another LoRA shape; no ν point for the general-text loss")
             return None
@@ -228,11 +237,11 @@ class GeneralEvalCallback(TrainerCallback):
                 write_json_atomically(Path(self.output_dir) / GENERAL_EVAL_FILENAME, self.summary())
 
     def summary(self) -> dict:
-        """What the run's general-text loss did (written to <output_dir>/alora_general_eval.json)."""
+        """What the run's general-text loss did (written to <output_dir>/GENERAL_EVAL_FILENAME)."""
         base, reference, now = self.scores.base, self.scores.reference, self.last
-        kept = kept_share(base, reference, now) if reference is not None and base - reference > 0 else None
         return {**self.settings, "sequences": len(self.sequences), "base": base, "reference": reference,
-                "evaluations": self.evaluations, "final": now, "final_ppl": math.exp(now), "rise_over_base": now - base, "kept_share": kept,
+                "evaluations": self.evaluations, "final": now, "final_ppl": math.exp(now), "rise_over_base": now - base,
+                "kept_share": self.scores.kept(now),
                 "seconds": round(self.seconds, 2)}
 
 

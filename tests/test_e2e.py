@@ -98,7 +98,7 @@ def runs(tmp_path_factory):
         r.submit("D_every", dom, after=["G_every"], lora_model_dir=str(r.out("G_every")),
                  alora_importance_path=str(r.out("G_every") / FILE), alora_phi=PHI, **every, **watch)
         # fp16 (on CPU: fp16 weights, no grad scaler), and one step overflowing as a grad scaler would see it
-        r.submit("G_fp16", gen, **from_init, fp16=True, alora_record_importance=True)
+        r.submit("G_fp16", gen, **from_init, fp16=True, alora_record_importance=True, **watch)
         r.submit("G_fp16_overflow", gen, **from_init, fp16=True, alora_record_importance=True, env={"ALORA_TEST_OVERFLOW_AT": "1"},
                  plugins=["scaffold_plugins.Fp16OverflowPlugin", "axolotl_alora.AloraPlugin"])
         # a second domain stage on the chain's accumulated file
@@ -337,3 +337,12 @@ def test_general_loss_under_ddp_accumulation_full_parameters_and_resumption(runs
     reference = {"D_ddp": "G_rec", "D_ga": "G_rec", "D_every": "G_every"}.get(name)
     if reference:  # θ^ν rebuilt from the file, full parameters (lm_head's copy) included
         assert watched["reference"] == pytest.approx(_independent_general_loss(runs, runs.out(reference)), rel=1e-5)
+
+
+def test_general_loss_in_fp16(runs):
+    """Scored in the run's precision (fp16 weights): close to the fp32 computation of the same adapter."""
+    run = runs.get("G_fp16")
+    watched = _watched(run)
+    assert all(math.isfinite(watched[k]) for k in ("base", "final"))
+    assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-2)
+    assert watched["base"] == pytest.approx(_independent_general_loss(runs), rel=1e-2)

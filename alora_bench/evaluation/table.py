@@ -29,7 +29,9 @@ LABELS = {
 
 def in_training_result(run_dir: str | Path) -> dict | None:
     """A run's `alora_general_eval.json` as an entry of its results: exp(final token loss) and the share kept."""
-    path = Path(run_dir) / "alora_general_eval.json"
+    from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
+
+    path = Path(run_dir) / GENERAL_EVAL_FILENAME
     if not path.is_file():
         return None
     watched = json.loads(path.read_text())
