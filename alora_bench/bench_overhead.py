@@ -6,6 +6,7 @@ Variants, interleaved in rotating order every repetition so machine noise hits a
   track-naive  + the same math written plainly (three products for g̃, two full products for Δθ)
   reg          + φ·L_reg (axolotl_alora.regularizer.Regularizer: one pass over Ω per update)
   reg-naive    + φ·L_reg by autograd on the dense s·B·A against a stored dense θ^ν
+  track-factored, reg-factored   the same with alora_importance_form: factored (Ω ≈ u·vᵀ; beyond the paper)
 
 Ratios are to `plain`. Absolute times mean something only on a GPU; on a shared CPU read the ratios.
   python -m alora_bench.bench_overhead                       # GPU: random Llama-3.2-3B shape, bf16, batch 8×512
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from axolotl_alora.factored import FactoredOmega, FactoredTrackedModule
 from axolotl_alora.importance import OmegaTracker, TrackedModule
 from axolotl_alora.lora import adapted_modules
 from axolotl_alora.regularizer import RegularizedModule, Regularizer
@@ -31,7 +33,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
     "smollm2-4layer": (576, 1536, 4, 9, 3, 49152),
 }
-VARIANTS = ("plain", "track", "track-naive", "reg", "reg-naive")
+VARIANTS = ("plain", "track", "track-naive", "reg", "reg-naive", "track-factored", "reg-factored")
 
 
 def parse_args(argv=None):
@@ -115,6 +117,9 @@ def main(argv=None) -> int:
     regularizer = Regularizer([RegularizedModule(m.name, m.A, m.B, m.scaling, o, A, B, 1 / len(modules))
                                for m, o, A, B in zip(modules, omegas, A_refs, B_refs)])
     tracker = OmegaTracker([TrackedModule(m.name, m.A, m.B, m.scaling) for m in modules])
+    factored = {"track": OmegaTracker([FactoredTrackedModule(m.name, m.A, m.B, m.scaling) for m in modules]),
+                "reg": Regularizer([RegularizedModule(m.name, m.A, m.B, m.scaling, FactoredOmega.from_dense(o), A, B, 1 / len(modules))
+                                    for m, o, A, B in zip(modules, omegas, A_refs, B_refs)])}
     naive = NaiveTracker(modules)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     lr = {m.name: 1e-4 for m in modules}
@@ -128,16 +133,22 @@ def main(argv=None) -> int:
         loss = model(input_ids=batch, labels=batch).loss
         if variant == "reg":
             loss = loss + 1e-3 * regularizer()
+        elif variant == "reg-factored":
+            loss = loss + 1e-3 * factored["reg"]()
         elif variant == "reg-naive":
             loss = loss + 1e-3 * naive_reg(modules, omegas, dense_refs)
         loss.backward()
         if variant == "track":
             tracker.before_step(lr)
+        elif variant == "track-factored":
+            factored["track"].before_step(lr)
         elif variant == "track-naive":
             naive.before_step(1e-4)
         optimizer.step()
         if variant == "track":
             tracker.after_step()
+        elif variant == "track-factored":
+            factored["track"].after_step()
         elif variant == "track-naive":
             naive.after_step()
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
                     peaks[variant] = max(peaks.get(variant, 0), torch.cuda.max_memory_allocated())
         print(f"rep {rep + 1}/{args.warmup + args.reps}" + (" (warm-up)" if rep < args.warmup else ""), file=sys.stderr, flush=True)
 
-    components = time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync)
+    components = time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync, factored)
     omega_gb = sum(o.numel() for o in omegas) * 4 / 2**30
     lines = report(args, times, peaks, omega_gb, len(modules), argv, components)
     print("\n".join(lines))
@@ -169,7 +180,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync, reps=15):
+def time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr, sync, factored, reps=15):
     """Median time of each method's own per-step work alone (gradients are set once, no model step)."""
     for m in modules:
         m.A.grad, m.B.grad = torch.randn_like(m.A) * 1e-3, torch.randn_like(m.B) * 1e-3
@@ -186,6 +197,8 @@ def time_components(modules, tracker, naive, regularizer, omegas, dense_refs, lr
         "track-naive": lambda: (naive.before_step(1e-4), naive.after_step()),
         "reg": reg_ours,
         "reg-naive": reg_naive,
+        "track-factored": lambda: (factored["track"].before_step(lr), factored["track"].after_step()),
+        "reg-factored": lambda: (1e-3 * factored["reg"]()).backward(),
     }
     result = {}
     for name, fn in work.items():
@@ -230,6 +243,11 @@ def report(args, times, peaks, omega_gb, n_modules, argv, components):
     for what in ("track", "reg"):
         ours, naive = components[what], components[f"{what}-naive"]
         lines.append(f"| {what} | {100 * ours / base:.2f}% of a plain step | {100 * naive / base:.2f}% | {ours / naive:.2f} |")
+    lines += ["", "The factored form's work alone, against the dense form's (the `ours` column above):", "",
+              "| work | factored | dense | factored / dense |", "|---|---:|---:|---:|"]
+    for what in ("track", "reg"):
+        ours, dense = components[f"{what}-factored"], components[what]
+        lines.append(f"| {what} | {100 * ours / base:.2f}% of a plain step | {100 * dense / base:.2f}% | {ours / dense:.3f} |")
     return lines
 
 

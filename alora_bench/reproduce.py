@@ -47,6 +47,7 @@ class Method:
     # example, it is that adapter, evaluated before any domain stage
     importance: str | None = None  # "si": the general stage's file; "fisher": `alora fisher`'s
     tuned: str | None = None  # "phi" (ALoRA's φ) or "lambda" (EWC's λ): the swept penalty weight it uses
+    beyond_paper: bool = False  # not in the paper's tables: run and reported only when named in --methods
 
 
 METHODS = (
@@ -58,8 +59,12 @@ METHODS = (
     Method("ewclora", "EWCLoRA", "domain-ewc", importance="fisher", tuned="lambda"),
     Method("alora", "ALoRA", "domain-alora", continues_general=True, importance="si", tuned="phi"),
     Method("alora_nolayer", "ALoRA − layer", "domain-alora-nolayer", continues_general=True, importance="si", tuned="phi"),
+    # beyond the paper: Ω ≈ u·vᵀ (alora_importance_form: factored), the same general stage's file factored on read
+    Method("alora_factored", "ALoRA factored", "domain-alora-factored", continues_general=True, importance="si", tuned="phi",
+           beyond_paper=True),
 )
 BY_NAME = {m.name: m for m in METHODS}
+PAPER_METHODS = tuple(m for m in METHODS if not m.beyond_paper)
 TABLE2 = (("alora", "ALoRA"), ("alora_nolayer", "− layer"), ("lora_nu_mu", "− layer, element (= LoRA(ν+μ))"))
 
 
@@ -378,7 +383,8 @@ def report(args, paths: Paths) -> None:
     if chosen or (args.phi is not None and args.ewc_lambda is not None):
         chosen.update(chosen_values(args, paths))
     chosen = chosen or None  # no φ / λ yet: the penalised rows stay empty
-    for written in write_reports(paths.results, METHODS, TABLE2, chosen, args.seeds, args.tasks):
+    methods = [m for m in METHODS if not m.beyond_paper or m.name in args.methods]
+    for written in write_reports(paths.results, methods, TABLE2, chosen, args.seeds, args.tasks):
         log(f"wrote {written}")
     general = paths.general(args.seeds[0]) / "alora_importance.safetensors"
     if general.is_file():
@@ -400,8 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="shared data folder (default ../shared/data or $ALORA_DATA_DIR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the sweep uses the first)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--methods", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
-                   help="grid methods (default all; those without a penalty need no sweep first)")
+    p.add_argument("--methods", nargs="+", choices=list(BY_NAME), default=[m.name for m in PAPER_METHODS],
+                   help="grid methods (default: the paper's; those without a penalty need no sweep first)")
     p.add_argument("--phis", type=float, nargs="+", default=[0.03, 0.3, 3.0, 30.0], help="ALoRA φ swept (normalization mean)")
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=[0.003, 0.03, 0.3, 3.0], help="EWCLoRA λ swept (normalization mean)")
     p.add_argument("--phi", type=float, help="ALoRA φ for the grid instead of the sweep's choice")

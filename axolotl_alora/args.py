@@ -42,7 +42,20 @@ class AloraArgs(BaseModel):
         default="none", json_schema_extra={"description": "none (paper) or mean: divide Omega by its mean over all elements, so phi is comparable across runs."}
     )
     alora_importance_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", json_schema_extra={"description": "Storage dtype of Omega in the written file (compute is always float32)."}
+        default="float32",
+        json_schema_extra={"description": "dtype of Omega in the written file (general stage) and in memory (domain stage); "
+                           "omega is accumulated and every penalty block computed in float32."},
+    )
+    alora_importance_form: Literal["dense", "factored"] = Field(
+        default="dense",
+        json_schema_extra={"description": "dense (the paper): Omega d_out x d_in per module. factored (beyond the paper, for models whose dense "
+                           "Omega does not fit): Omega ~ u v^T with omega's exact row and column sums, d_out + d_in floats per module; "
+                           "in a domain stage, a dense file is factored as it is read."},
+    )
+    alora_shard_importance: bool = Field(
+        default=True,
+        json_schema_extra={"description": "Under data parallelism, each rank holds, tracks and regularizes only its share of the modules "
+                           "(balanced by elements); the general stage writes one shard per rank and an index."},
     )
     alora_general_eval: str | dict | None = Field(
         default=None,

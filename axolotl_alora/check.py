@@ -15,6 +15,8 @@ PLUGIN = "axolotl_alora.AloraPlugin"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="an Axolotl YAML config")
+    parser.add_argument("--model-config", metavar="PATH", help="config.json (or its folder) of the base model, when base_model is not a local folder")
+    parser.add_argument("--ranks", default="1,2,8", help="data-parallel world sizes to show per-rank memory for (default 1,2,8)")
 
 
 def installed_axolotl() -> tuple[str, tuple[int, ...]] | None:
@@ -99,4 +101,22 @@ def run(args) -> int:
               "drop the alora_ keys. List it to run on both.")
     if not problems:
         print(f"{args.config}: ALoRA settings OK" if uses_alora else f"{args.config}: no alora_ keys (plain Axolotl run)")
+    if uses_alora and cfg.get("adapter") in ("lora", "qlora"):
+        print_memory(cfg, args.model_config, [int(k) for k in str(args.ranks).split(",") if k.strip()])
     return 1 if problems else 0
+
+
+def print_memory(cfg: dict, model_config: str | None, ranks: list[int]) -> None:
+    """The memory table (README "Memory") for the config's model and targets, from config.json alone."""
+    from .memory import config_module_sizes, memory_report
+
+    source = model_config or cfg.get("base_model_config") or cfg.get("base_model")
+    try:
+        sizes = config_module_sizes(cfg, source)
+    except Exception as e:  # no config.json here (a hub id without a local cache), or an architecture transformers lacks
+        print(f"memory: cannot build {source!r} from its config.json here ({type(e).__name__}: {e}); pass --model-config PATH")
+        return
+    lora = [m for m in sizes if m.kind == "lora"]
+    print(f"\nmemory: {len(lora)} LoRA modules (r={lora[0].r if lora else '-'}) and {len(sizes) - len(lora)} full parameters of {source} "
+          "(from config.json, no weights)")
+    print(memory_report(sizes, ranks))

@@ -206,8 +206,8 @@ class GeneralEvalCallback(TrainerCallback):
     def _swappable(self):
         if self.regularizer is None:
             return None
-        modules = [m for m in self.regularizer.modules if isinstance(m, RegularizedModule)]
-        parameters = [m for m in self.regularizer.modules if not isinstance(m, RegularizedModule)]
+        modules = [m for m in self.regularizer.references if isinstance(m, RegularizedModule)]
+        parameters = [m for m in self.regularizer.references if not isinstance(m, RegularizedModule)]
         if any(m.A_ref.shape != m.A.shape or m.B_ref.shape != m.B.shape for m in modules):
             LOG.info("ALoRA: the importance file's reference adapter has another LoRA shape; no ν point for the general-text loss")
             return None

@@ -1,7 +1,8 @@
 """Synaptic-Intelligence importance in LoRA's effective-weight space (docs/METHOD.md §1, eqs. 8-15).
 
 Pure tensor code: knows LoRA factors, gradients and learning rates, nothing of Axolotl.
-Every θ-space quantity is d_out×d_in, fp32, computed in place under no_grad.
+Every θ-space quantity is d_out×d_in, fp32, computed in place under no_grad, and formed only in blocks of rows
+(`row_blocks`), so what a step allocates beyond ω is a few blocks, not a few modules (README "Memory").
 
 Two kinds of tracked parameters:
 - a LoRA module (linear or embedding), θ = W0 + s·B·A: g̃ and Δθ as in eqs. 13-14;
@@ -16,25 +17,43 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+BLOCK_ELEMENTS = 1 << 22  # dense d_out×d_in work is done this many elements (16 MB in fp32) at a time
+
+
+def row_blocks(rows: int, cols: int):
+    """Slices of `rows` rows holding about BLOCK_ELEMENTS elements each (at least one row)."""
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def equivalent_gradient_factors(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+    """P, Q with g̃_t = s·P·Q: P = [gB, B_t] (d_out×2r), Q = [A_t − η·gA; gA] (2r×d_in)."""
+    return torch.cat([grad_B, B], dim=1), torch.cat([A - lr * grad_A, grad_A], dim=0)
+
 
 def equivalent_gradient(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, lr: float, scaling: float = 1.0) -> Tensor:
     """g̃_t = s·(gB·A_t + B_t·gA − η_t·gB·gA)  (eq. 13 with peft's scaling s), as one rank-2r product.
 
     The outer s makes plain SGD on A and B move θ = W0 + s·B·A by exactly −η·g̃.
     """
-    return scaling * (torch.cat([grad_B, B], dim=1) @ torch.cat([A - lr * grad_A, grad_A], dim=0))
+    P, Q = equivalent_gradient_factors(grad_A, grad_B, A, B, lr)
+    return (P @ Q).mul_(scaling)
 
 
 def weight_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor, scaling: float) -> Tensor:
     """Δθ_t = s·(B_{t+1}A_{t+1} − B_tA_t), in the difference form that avoids cancellation."""
-    return scaling * _product_change(A_before, B_before, A_after, B_after)
+    return _product_change(A_before, B_before, A_after, B_after).mul_(scaling)
+
+
+def product_change_factors(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor) -> tuple[Tensor, Tensor]:
+    """U, V with B_{t+1}A_{t+1} − B_tA_t = U·V = (B_{t+1} − B_t)·A_{t+1} + B_t·(A_{t+1} − A_t)."""
+    return torch.cat([B_after - B_before, B_before], dim=1), torch.cat([A_after, A_after - A_before], dim=0)
 
 
 def _product_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor) -> Tensor:
-    """B_{t+1}A_{t+1} − B_tA_t = (B_{t+1} − B_t)·A_{t+1} + B_t·(A_{t+1} − A_t), as one rank-2r product."""
-    left = torch.cat([B_after - B_before, B_before], dim=1)
-    right = torch.cat([A_after, A_after - A_before], dim=0)
-    return left @ right
+    U, V = product_change_factors(A_before, B_before, A_after, B_after)
+    return U @ V
 
 
 def adapter_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -43,10 +62,11 @@ def adapter_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
 
 
 def importance_from_omega(omega: Tensor, delta: Tensor, xi: float) -> tuple[Tensor, int]:
-    """Ω = max(ω / (Δ² + ξ), 0)  (eq. 15); also returns how many elements the clamp changed."""
-    raw = omega / (delta.square() + xi)
-    clamped = int((raw < 0).sum())
-    return raw.clamp_min_(0.0), clamped
+    """Ω = max(ω / (Δ² + ξ), 0)  (eq. 15), written over `omega`; also returns how many elements the clamp changed.
+    `delta` is consumed (squared in place)."""
+    omega.div_(delta.square_().add_(xi))
+    clamped = int((omega < 0).sum())
+    return omega.clamp_min_(0.0), clamped
 
 
 def _all_finite(*tensors: Tensor) -> Tensor:
@@ -96,10 +116,11 @@ class TrackedModule:
         return _all_finite(self.grad_A, self.grad_B, self.A, self.B)
 
     def accumulate(self) -> None:
-        """ω ← ω − g̃ ⊙ Δθ (eq. 14); both carry s, so s² goes into the coefficient."""
-        A1, B1 = self.A.float(), self.B.float()
-        g_tilde = equivalent_gradient(self.grad_A, self.grad_B, self.A_t, self.B_t, self.lr)
-        self.omega.addcmul_(g_tilde, _product_change(self.A_t, self.B_t, A1, B1), value=-self.scaling**2)
+        """ω ← ω − g̃ ⊙ Δθ (eq. 14), g̃ = s·P·Q and Δθ = s·U·V formed a block of rows at a time; s² goes into the coefficient."""
+        P, Q = equivalent_gradient_factors(self.grad_A, self.grad_B, self.A_t, self.B_t, self.lr)
+        U, V = product_change_factors(self.A_t, self.B_t, self.A.float(), self.B.float())
+        for rows in row_blocks(*self.omega.shape):
+            self.omega[rows].addcmul_(P[rows] @ Q, U[rows] @ V, value=-self.scaling**2)
 
     def advance(self) -> None:
         self.A_t.copy_(self.A)
@@ -108,6 +129,15 @@ class TrackedModule:
     def delta(self) -> Tensor:
         """Δ^ν = s·(B_end·A_end − B_0·A_0)."""
         return weight_change(self.A_0, self.B_0, self.A_t, self.B_t, self.scaling)
+
+    def importance(self, xi: float, in_place: bool = False) -> tuple[Tensor, int]:
+        """Ω (eq. 15) a block of rows at a time; `in_place` writes it over ω (the end of the stage), saving a copy."""
+        omega = self.omega if in_place else self.omega.clone()
+        U, V = product_change_factors(self.A_0, self.B_0, self.A_t, self.B_t)
+        clamped = 0
+        for rows in row_blocks(*omega.shape):
+            clamped += importance_from_omega(omega[rows], (U[rows] @ V).mul_(self.scaling), xi)[1]
+        return omega, clamped
 
     def reference(self) -> dict[str, Tensor]:
         return {"lora_A": self.A_t.clone(), "lora_B": self.B_t.clone()}
@@ -161,6 +191,9 @@ class TrackedParameter:
     def delta(self) -> Tensor:
         return self.theta_t - self.theta_0
 
+    def importance(self, xi: float, in_place: bool = False) -> tuple[Tensor, int]:
+        return importance_from_omega(self.omega if in_place else self.omega.clone(), self.delta(), xi)
+
     def reference(self) -> dict[str, Tensor]:
         return {"reference": self.theta_t.clone()}
 
@@ -209,13 +242,17 @@ class OmegaTracker:
         self.steps += 1
 
     @torch.no_grad()
-    def importance(self, xi: float, previous: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], int]:
-        """Ω per module (eq. 15), plus Ω_old when continuing from an earlier file (continual use); and
-        the number of elements the clamp changed."""
+    def importance(self, xi: float, previous: dict[str, Tensor] | None = None, in_place: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], int]:
+        """Ω per module (eq. 15), plus Ω_old when continuing from an earlier file (continual use), in `dtype`; and
+        the number of elements the clamp changed. `in_place` (the end of the stage) turns each ω into Ω and lets
+        it go once converted, so the stage never holds ω and Ω side by side; the tracker is spent afterwards."""
         out, clamped = {}, 0
         for m in self.modules:
-            omega, n = importance_from_omega(m.omega.clone(), m.delta(), xi)
+            omega, n = m.importance(xi, in_place)
             if previous is not None:
                 omega += previous[m.name].to(omega.device)
-            out[m.name], clamped = omega, clamped + n
+            out[m.name], clamped = omega.to(dtype), clamped + n
+            if in_place and isinstance(m, (TrackedModule, TrackedParameter)):
+                m.omega = out[m.name]
         return out, clamped

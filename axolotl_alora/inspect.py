@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
 
+    import torch
+
     from .importance_file import read_importance_file
-    from .regularizer import effective_layers, importance_norms, layer_weights, uniform_softmax_note
+    from .regularizer import effective_layers, layer_weights, uniform_softmax_note
 
     data = read_importance_file(args.file)
     meta = data.metadata
@@ -29,12 +31,12 @@ def run(args) -> int:
         if key in meta:
             print(f"  {key:<17}{meta[key]}")
     names = data.module_names
-    norms = importance_norms([data.omega[n] for n in names])
+    norms = torch.tensor([data.norms[n] for n in names], dtype=torch.float64)
     weights = {label: layer_weights(norms, mode, tau) for label, mode, tau in WEIGHTINGS}
     print(f"\n{'module':<44}{'shape':>12}{'‖Ω‖_F':>12}{'mean Ω':>11}" + "".join(f"{label:>16}" for label, _, _ in WEIGHTINGS))
     for i, name in enumerate(names):
         shape = "×".join(map(str, data.omega[name].shape))
-        mean = float(data.omega[name].double().mean())
+        mean = data.sums[name] / data.omega[name].numel()
         row = "".join(f"{float(w[i]):>16.4g}" for w in weights.values())
         print(f"{name:<44}{shape:>12}{float(norms[i]):>12.4g}{mean:>11.3g}{row}")
     print(f"\neffective number of layers (of {len(names)}): " + ", ".join(f"{label} {effective_layers(w):.2f}" for label, w in weights.items()))

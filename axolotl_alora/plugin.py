@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
@@ -11,6 +12,7 @@ from .args import IMPORTANCE_FILENAME
 from .importance_file import ImportanceFile, base_metadata, check_base_model, check_modules_match, read_importance_file
 from .lora import adapted_modules, base_fingerprint, full_parameters
 from .regularizer import Regularizer, build_regularizer
+from .sharding import Shard, data_parallel
 
 LOG = logging.getLogger("axolotl.alora")
 
@@ -28,6 +30,7 @@ class AloraPlugin(BasePlugin):
         self.regularizer: Regularizer | None = None
         self.recorder = None
         self.general_documents: list[str] | None = None
+        self.shard: Shard | None = None
 
     def get_input_args(self):
         return "axolotl_alora.args.AloraArgs"
@@ -42,13 +45,29 @@ class AloraPlugin(BasePlugin):
         if not cfg.alora_importance_path:
             return
         # every check that needs only the file runs here, before the model is loaded
-        self.previous = read_importance_file(cfg.alora_importance_path)
+        from .importance_file import read_metadata
+
+        meta = read_metadata(cfg.alora_importance_path)
+        self.shard = self._shard(cfg, {n: math.prod(e["shape"]) for n, e in meta["modules"].items()})
+        keep = self.shard.owned if self.shard.sharded else None
+        self.previous = read_importance_file(cfg.alora_importance_path, keep=keep, omega_dtype=cfg.alora_importance_dtype or "float32",
+                                             omega_form=cfg.alora_importance_form or "dense")
         meta = self.previous.metadata
         LOG.info(
             "ALoRA: read importance for %d modules from %s (format version %d, source %s, %s steps, base %s)",
-            len(self.previous.omega), cfg.alora_importance_path, self.previous.format_version, meta.get("source"),
+            len(meta["modules"]), cfg.alora_importance_path, self.previous.format_version, meta.get("source"),
             meta.get("steps"), meta.get("base_model"),
         )
+
+    @staticmethod
+    def _shard(cfg, sizes: dict[str, int]) -> Shard:
+        rank, world_size = data_parallel()
+        if world_size > 1 and cfg.alora_shard_importance is not False:
+            shard = Shard.of(sizes, rank, world_size)
+            if rank == 0:
+                LOG.info("ALoRA: importance sharded across %d ranks: rank 0 holds %d of %d modules", world_size, len(shard.owned), len(sizes))
+            return shard
+        return Shard.whole(sizes)
 
     def post_model_load(self, cfg, model):
         if not alora_enabled(cfg):
@@ -61,13 +80,20 @@ class AloraPlugin(BasePlugin):
                 len(parameters), ", ".join(p.name for p in parameters[:3]) + (", …" if len(parameters) > 3 else ""),
             )
         fingerprint = base_fingerprint(model)
+        if self.shard is None:
+            self.shard = self._shard(cfg, {m.name: math.prod(m.shape) for m in modules + parameters})
         if self.previous is not None:
             path = cfg.alora_importance_path
             check_modules_match(self.previous, modules + parameters, path)
             check_base_model(self.previous, fingerprint, cfg)
             self.regularizer = build_regularizer(
                 self.previous, modules, parameters, cfg.alora_layer_weighting, cfg.alora_softmax_temperature, cfg.alora_importance_normalization,
+                world_size=self.shard.world_size,
             )
+            held = [m.omega for m in self.regularizer.modules]
+            stored = [o.stored() if hasattr(o, "stored") else o.numel() for o in held]
+            LOG.info("ALoRA: rank %d holds Ω of %d modules, %d elements (%.1f MB, %s)", data_parallel()[0], len(held), sum(stored),
+                     1e-6 * sum(n * o.element_size() for n, o in zip(stored, held)), cfg.alora_importance_dtype or "float32")
             LOG.info("ALoRA: phi %g", float(cfg.alora_phi))
         if cfg.alora_record_importance:
             from .callbacks import ImportanceRecorder
@@ -82,6 +108,8 @@ class AloraPlugin(BasePlugin):
                 previous=self.previous,
                 resume_from_checkpoint=cfg.resume_from_checkpoint,
                 parameters=parameters,
+                shard=self.shard,
+                form=cfg.alora_importance_form or "dense",
             )
         else:
             self.previous = None  # the regularizer holds what it needs

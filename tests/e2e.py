@@ -117,8 +117,15 @@ class Run:
         return load_file(str(self.out / "adapter_model.safetensors"))
 
     def importance(self):
+        """Every tensor of the run's importance file, or of all its shards when it wrote them."""
+        import json
+
         from safetensors.torch import load_file
 
+        index = self.out / (IMPORTANCE_FILE + ".index.json")
+        if not (self.out / IMPORTANCE_FILE).exists() and index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(self.out / shard)).items()}
         return load_file(str(self.out / IMPORTANCE_FILE))
 
     def metadata(self):
@@ -131,11 +138,11 @@ class Runs:
     """A tiny Llama with general and domain text, and `axolotl train` runs on it submitted to a thread pool;
     each run waits only for the runs it names in `after`. `defaults` are config overrides every run gets."""
 
-    def __init__(self, root: Path, pool, launcher: list[str] | None = None, **defaults):
+    def __init__(self, root: Path, pool, launcher: list[str] | None = None, model: dict | None = None, **defaults):
         from tiny import build_tiny_llama, write_text_jsonl
 
         self.root, self.pool, self.futures, self.launcher, self.defaults = root, pool, {}, launcher, defaults
-        self.model = build_tiny_llama(root / "model")
+        self.model = build_tiny_llama(root / "model", **(model or {}))
         self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
         self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
 

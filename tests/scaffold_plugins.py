@@ -190,3 +190,38 @@ class AuditPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if getattr(trainer, "alora_regularizer", None) is not None:
             trainer.alora_regularizer = self._callback.audited = _AuditedRegularizer(trainer.alora_regularizer, trainer)
+
+
+class _PeakMemory(TrainerCallback):
+    """At train begin, restarts the process's peak RSS from its current RSS; at exit, writes that peak."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import atexit
+        import gc
+
+        from axolotl_alora.memory import reset_peak, vm_hwm_kib
+
+        gc.collect()
+        reset_peak()
+        start = vm_hwm_kib()
+
+        def write():
+            import json
+
+            with open(self.path, "w") as f:
+                json.dump({"start_kib": start, "peak_kib": vm_hwm_kib()}, f)
+
+        atexit.register(write)
+
+
+class PeakMemoryPlugin(BasePlugin):
+    """Writes <output_dir>/peak_memory.json: the process's peak RSS from the start of training to its exit."""
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        import os
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        return [_PeakMemory(os.path.join(cfg.output_dir, "peak_memory.json"))]

@@ -79,8 +79,18 @@ def runs(tmp_path_factory):
         r.submit("D_alora", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI)
         r.submit("D_ga", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
                  micro_batch_size=1, gradient_accumulation_steps=4, **watch)
-        r.submit("D_ddp", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch,
-                 micro_batch_size=2, launcher=_torchrun(), env=DDP_ENV, plugins=["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"])
+        # two ranks reading the two-rank general stage's shards: each holding its share of Ω (the default), and each the
+        # whole; from a fresh adapter, so that φ·∇L_reg weighs in every step
+        ddp = {"micro_batch_size": 2, "launcher": _torchrun(), "env": DDP_ENV, "plugins": ["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin"]}
+        sharded_file = {"alora_importance_path": str(r.out("G_ddp") / FILE), "alora_phi": PHI}
+        r.submit("D_ddp", dom, after=["G_ddp"], **from_init, **sharded_file, **watch, **ddp)
+        r.submit("D_ddp_whole", dom, after=["G_ddp"], **from_init, **sharded_file, **ddp, alora_shard_importance=False)
+        # the factored form: recorded in a general stage; and a dense file factored as a domain stage reads it
+        factored = {"alora_importance_form": "factored"}
+        r.submit("G_fac", gen, **from_init, alora_record_importance=True, **factored)
+        r.submit("D_fac", dom, after=["G_fac"], lora_model_dir=str(r.out("G_fac")), alora_importance_path=str(r.out("G_fac") / FILE),
+                 alora_phi=PHI, **factored)
+        r.submit("D_fac_read", dom, after=after, **from_init, alora_importance_path=general_file, alora_phi=PHI, **factored)
         # D_alora watching the general-text loss: without evaluations (scored at the end), and with two
         r.submit("D_watch", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch)
         r.submit("D_watch_evals", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI, **watch,
@@ -211,14 +221,46 @@ def test_garbage_importance_file_fails_before_training(runs):
     assert not (run.out / "adapter_model.safetensors").exists()
 
 
-def test_two_processes_write_the_single_process_file(runs):
+def test_two_processes_write_the_single_process_file_as_shards(runs):
+    from axolotl_alora.importance_file import read_importance_file
+
     ddp, single = runs.get("G_ddp"), runs.get("G_rec")
+    assert not (ddp.out / FILE).exists() and (ddp.out / f"{FILE}.index.json").is_file()
+    shards = sorted(p.name for p in ddp.out.glob("alora_importance-*-of-*.safetensors"))
+    assert shards == ["alora_importance-00001-of-00002.safetensors", "alora_importance-00002-of-00002.safetensors"]
     a, b = _omegas(ddp.importance()), _omegas(single.importance())
+    assert sorted(a) == sorted(b)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3 * float(b[k].abs().max()))
-    assert not list(ddp.out.glob(f".{FILE}.*")), "no temp files left behind"
-    domain = runs.get("D_ddp")
-    assert domain.logs and domain.logs[-1]["alora_reg_loss"] > 0
+    # read as one file through the plugin's reader, from the file name the config gives
+    whole = read_importance_file(ddp.out / FILE)
+    assert whole.metadata["steps"] == single.metadata()["steps"] and list(whole.omega) == list(single.metadata()["modules"])
+    assert not list(ddp.out.glob(".alora_importance*.tmp")), "no temp files left behind"
+
+
+def _held(run, what: str) -> dict[int, int]:
+    """Elements of ω or Ω each rank reported holding."""
+    import re
+
+    return {int(rank): int(n) for rank, n in re.findall(rf"ALoRA: rank (\d+) holds {what} of \d+ modules, (\d+) elements", run.log)}
+
+
+def test_sharded_ranks_hold_half_and_train_the_unsharded_adapter(runs):
+    general, sharded, whole = runs.get("G_ddp"), runs.get("D_ddp"), runs.get("D_ddp_whole")
+    total = sum(v.numel() for v in _omegas(general.importance()).values())
+    for run, what in ((general, "ω"), (sharded, "Ω")):
+        held = _held(run, what)
+        assert sorted(held) == [0, 1] and sum(held.values()) == total, held
+        assert max(held.values()) <= 0.6 * total  # q/v of 2 layers: 4 modules of two sizes, split 2 + 2
+    assert sorted(_held(whole, "Ω")) == [0, 1] and set(_held(whole, "Ω").values()) == {total}
+    # the same penalty and the same adapter, whether each rank holds its share or the whole of Ω
+    assert sharded.logs[0]["alora_reg_ratio"] > 1e-2, "φ·L_reg must weigh in for the adapters' equality to mean anything"
+    for a, b in zip(sharded.logs, whole.logs):
+        assert a["alora_reg_loss"] == pytest.approx(b["alora_reg_loss"], rel=1e-5)
+    adapter, expected = sharded.adapter(), whole.adapter()
+    for k in expected:
+        torch.testing.assert_close(adapter[k], expected[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(adapter[k], runs.get("G_ddp").adapter()[k]) for k in expected), "the domain stage must have moved"
 
 
 def test_logged_loss_is_the_task_loss_without_the_penalty(runs):
@@ -334,7 +376,7 @@ def test_general_loss_under_ddp_accumulation_full_parameters_and_resumption(runs
     run = runs.get(name)
     watched = _watched(run)
     assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-5)
-    reference = {"D_ddp": "G_rec", "D_ga": "G_rec", "D_every": "G_every"}.get(name)
+    reference = {"D_ddp": "G_ddp", "D_ga": "G_rec", "D_every": "G_every"}.get(name)
     if reference:  # θ^ν rebuilt from the file, full parameters (lm_head's copy) included
         assert watched["reference"] == pytest.approx(_independent_general_loss(runs, runs.out(reference)), rel=1e-5)
 
@@ -346,3 +388,39 @@ def test_general_loss_in_fp16(runs):
     assert all(math.isfinite(watched[k]) for k in ("base", "final"))
     assert watched["final"] == pytest.approx(_independent_general_loss(runs, run.out), rel=1e-2)
     assert watched["base"] == pytest.approx(_independent_general_loss(runs), rel=1e-2)
+
+
+def test_factored_form_end_to_end(runs):
+    """alora_importance_form: factored — u, v recorded from ω's row and column sums, and penalised without a dense Ω."""
+    from safetensors.torch import load_file
+
+    from axolotl_alora.factored import FactoredOmega
+    from axolotl_alora.importance_file import read_importance_file
+    from axolotl_alora.regularizer import layer_weights
+
+    runs.get("G_fac"), runs.get("G_rec")
+    factored, dense = read_importance_file(runs.out("G_fac") / FILE), read_importance_file(runs.out("G_rec") / FILE)
+    assert {e["kind"] for e in factored.metadata["modules"].values()} == {"factored"}
+    assert not [k for k in runs.get("G_fac").importance() if k.endswith(".omega")], "no dense Ω in the file"
+    for name, omega in dense.omega.items():  # the same run recorded densely: about its row and column sums
+        ours, theirs = factored.omega[name], FactoredOmega.from_dense(omega)
+        assert ours.shape == omega.shape
+        # exact but for the clamp (on sums here, on elements there: 8% of this tiny model's elements) and Δ² next to ξ
+        for a, b in ((ours.u, theirs.u), (ours.v, theirs.v)):
+            assert float((a - b).norm() / b.norm()) < 0.05
+    # a dense file factored on read: the first step's L_reg, recomputed densely from u·vᵀ and the fresh adapter
+    read = read_importance_file(runs.out("G_rec") / FILE, omega_form="factored")
+    init = load_file(str(runs.init / "adapter_model.safetensors"))
+    names = list(read.omega)
+    weights = layer_weights(torch.tensor([read.norms[n] for n in names], dtype=torch.float64))
+    expected = 0.0
+    for w, n in zip(weights, names):
+        A0, B0 = (init[f"base_model.model.{n}.lora_{x}.weight"].double() for x in "AB")
+        theta = 2.0 * (B0 @ A0 - read.lora_B[n].double() @ read.lora_A[n].double())  # s = lora_alpha / r = 2
+        expected += float(w) * float((read.omega[n].dense().double() * theta**2).sum())
+    first = runs.get("D_fac_read").logs[0]["alora_reg_loss"]
+    assert first == pytest.approx(expected, rel=1e-3)  # the log line prints 4 significant digits
+    stored = sum(sum(o.shape) for o in read.omega.values())
+    for run in (runs.get("D_fac_read"), runs.get("D_fac")):
+        assert f"holds Ω of {len(names)} modules, {stored} elements" in run.log
+    assert runs.get("D_fac").logs[-1]["alora_reg_loss"] > 0

@@ -157,3 +157,34 @@ def test_full_parameter_takes_classic_si():
     importance, _ = tracker.importance(xi=0.1)
     delta = theta.detach().double() - start
     torch.testing.assert_close(importance["p"].double(), (expected / (delta**2 + 0.1)).clamp_min(0), rtol=1e-5, atol=1e-9)
+
+
+def test_row_blocks_in_place_and_bfloat16_importance_match_the_whole(monkeypatch):
+    """ω accumulated and Ω formed a few rows at a time equal the one-pass computation; in place and in bf16 too."""
+    import axolotl_alora.importance as importance
+
+    def run(block):
+        monkeypatch.setattr(importance, "BLOCK_ELEMENTS", block)
+        A, B, loss = _problem(seed=3)
+        tracker = OmegaTracker([TrackedModule("m", A, B, 2.0)])
+        tracker.start()
+        opt = torch.optim.AdamW([A, B], lr=0.05)
+        for _ in range(4):
+            opt.zero_grad()
+            loss().backward()
+            tracker.before_step({"m": 0.05})
+            opt.step()
+            tracker.after_step()
+        return tracker
+
+    whole, blocked = run(10**9), run(D_IN * 2)  # 2 rows per block: 3 blocks
+    torch.testing.assert_close(blocked.modules[0].omega, whole.modules[0].omega, rtol=1e-6, atol=1e-9)
+    before = whole.modules[0].omega.clone()
+    expected, clamped = whole.importance(0.1)
+    assert torch.equal(whole.modules[0].omega, before), "importance() without in_place leaves ω as it was"
+    kept = blocked.modules[0].omega.clone()
+    in_place, clamped_in_place = blocked.importance(0.1, in_place=True, dtype=torch.bfloat16)
+    assert in_place["m"].dtype == torch.bfloat16 and clamped_in_place == clamped
+    torch.testing.assert_close(in_place["m"].float(), expected["m"].bfloat16().float())
+    independent = (kept.double() / (blocked.modules[0].delta().double() ** 2 + 0.1)).clamp_min(0)
+    torch.testing.assert_close(expected["m"].double(), independent, rtol=1e-5, atol=1e-9)

@@ -225,3 +225,44 @@ def test_full_parameter_round_trip_and_validation(tmp_path):
     data.reference[name] = torch.randn(7, 4)
     with pytest.raises(ImportanceFileError, match=f"inconsistent shapes for {name}"):
         read_importance_file(write_importance_file(tmp_path / "bad.safetensors", data))
+
+
+def test_shards_and_index_read_as_the_single_file_on_any_number_of_ranks(tmp_path):
+    from axolotl_alora.sharding import Shard
+
+    data = _data()
+    single = read_importance_file(write_importance_file(tmp_path / "one" / "imp.safetensors", data))
+    path = tmp_path / "two" / "imp.safetensors"
+    names = list(data.omega)
+    shares = [Shard.of({n: 30 for n in names}, k, 2).owned for k in range(2)]
+    keys = []
+    for rank, owned in enumerate(shares):
+        part = ImportanceFile({n: data.omega[n] for n in owned}, {n: data.lora_A[n] for n in owned}, {n: data.lora_B[n] for n in owned},
+                              data.metadata, data.fingerprint if rank == 0 else None)
+        write_importance_file(path, part, shard=(rank, 2))
+        keys.append([f"{n}.{s}" for n in owned for s in ("omega", "lora_A", "lora_B")] + (["__base_fingerprint__"] if rank == 0 else []))
+    index = f.write_importance_index(path, data.metadata, keys)
+    assert index.name == "imp.safetensors.index.json" and not path.exists()
+    assert sorted(p.name for p in path.parent.glob("imp-*.safetensors")) == ["imp-00001-of-00002.safetensors", "imp-00002-of-00002.safetensors"]
+    for given in (path, index):  # the file's name (as a config names it) or the index itself
+        back = read_importance_file(given)
+        assert list(back.omega) == names and torch.equal(back.fingerprint, data.fingerprint)
+        for n in names:
+            assert torch.equal(back.omega[n], single.omega[n]) and torch.equal(back.lora_B[n], single.lora_B[n])
+        assert back.norms == single.norms and back.sums == single.sums
+    # one rank's share: Ω of its modules only, every module's norm, sum and reference
+    mine = read_importance_file(path, keep=shares[1], omega_dtype="bfloat16")
+    assert set(mine.omega) == set(shares[1]) and all(o.dtype == torch.bfloat16 for o in mine.omega.values())
+    assert mine.norms == single.norms and set(mine.lora_A) == set(names)
+    # a missing shard is named
+    (path.parent / "imp-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ImportanceFileError, match="imp-00002-of-00002.safetensors is missing"):
+        read_importance_file(path)
+
+
+def test_a_single_file_replaces_an_earlier_index(tmp_path):
+    data = _data()
+    path = tmp_path / "imp.safetensors"
+    f.write_importance_index(path, data.metadata, [[], []])
+    write_importance_file(path, data)
+    assert not (tmp_path / "imp.safetensors.index.json").exists() and read_importance_file(path).metadata["steps"] == 3

@@ -137,3 +137,59 @@ def test_bf16_parameters_get_bf16_gradients():
         m.B = torch.nn.Parameter(m.B.detach().bfloat16())
     Regularizer(mods)().backward()
     assert mods[0].A.grad.dtype == torch.bfloat16 and mods[0].A.grad.abs().sum() > 0
+
+
+def test_row_blocks_and_bfloat16_omega_match_autograd(monkeypatch):
+    """G formed 2 rows at a time, and Ω held in bfloat16: eq. 16 on the bf16-rounded Ω, to fp32 accuracy."""
+    import axolotl_alora.importance as importance
+
+    monkeypatch.setattr(importance, "BLOCK_ELEMENTS", 14)  # 2 rows of 7, 2 rows of 5: several blocks per module
+    _assert_matches_dense_autograd(_modules(seed=3))
+    mods = _modules(seed=4)
+    for m in mods:
+        m.omega = m.omega.to(torch.bfloat16)
+    _assert_matches_dense_autograd(mods)  # the reference reads the same bf16 Ω, widened to float64
+
+
+def _sharded_rank(rank, world, path, results):
+    import torch.distributed as dist
+
+    from axolotl_alora.sharding import Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        mods = _modules(seed=11, shapes=((6, 5, 2), (4, 7, 3), (8, 3, 2)), scalings=(2.0, 0.7, 1.0), coefficients=(0.3, 1.4, 0.9))
+        shard = Shard.of({m.name: m.omega.numel() for m in mods}, rank, world)
+        reg = Regularizer([m for m in mods if m.name in shard.owned], world)
+        value = reg()
+        value.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for m in mods for p in (m.A, m.B)]
+        for g in grads:  # what DDP does to every gradient: the average over ranks
+            dist.all_reduce(g)
+            g /= world
+        results.put((rank, float(value), sorted(shard.owned), [g.tolist() for g in grads]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_regularizer_leaves_phi_grad_after_ddp_averaging(tmp_path):
+    """Two gloo processes, each holding its share: the summed value and the DDP-averaged gradients are the whole's."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_sharded_rank, args=(k, 2, str(tmp_path / "rendezvous"), results)) for k in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    mods = _modules(seed=11, shapes=((6, 5, 2), (4, 7, 3), (8, 3, 2)), scalings=(2.0, 0.7, 1.0), coefficients=(0.3, 1.4, 0.9))
+    value, gA, gB = _dense_reference(mods)
+    assert out[0][2] and out[1][2] and not set(out[0][2]) & set(out[1][2]), "each rank holds a non-empty share of its own"
+    expected = [g for pair in zip(gA, gB) for g in pair]
+    for rank, v, _, grads in out:
+        assert v == pytest.approx(float(value), rel=1e-5)  # every rank logs the whole L_reg
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-5, atol=1e-5)

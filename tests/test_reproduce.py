@@ -104,7 +104,7 @@ def test_driver_runs_sweep_grid_and_report_then_skips_what_exists(tiny_model_dir
     assert raw["results"]["alora_general_eval"]["kept_share,none"] is not None  # the plugin's in-training number, beside lm-eval's
 
     table1 = (results / "table1.md").read_text()
-    for method in reproduce.METHODS:
+    for method in reproduce.PAPER_METHODS:
         row = next(line for line in table1.splitlines() if line.startswith(f"| {method.label} |"))
         # every cell has a number, but Base's in-training one (it never trains)
         assert row.count("–") == (1 if method.name == "base" else 0), row
@@ -150,7 +150,7 @@ def test_table_cells_are_mean_and_sample_std_over_seeds_at_the_chosen_phi(tmp_pa
                                                 "alora_general_ppl": {"word_perplexity,none": 2 * wikitext}},
                                     "alora_reproduce": {"run": "general", "method": "general", "task": "all", "seed": seed}}))
     chosen = {"phi": 0.3, "lambda": 0.03}
-    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
+    write_reports(tmp_path, reproduce.PAPER_METHODS, reproduce.TABLE2, chosen, [0, 1], ["sciq"])
     means = (tmp_path / "table1.md").read_text().split("## Paired")[0]
     rows = {line.split(" | ")[0][2:]: line for line in means.splitlines() if line.startswith("| ")}
     # mean 32, sample std of (30, 34) = 2.83; accuracy 85.0 ± 7.1 (in %); general PPL 64 ± 5.66; in training 16 ± 1.41
@@ -171,7 +171,7 @@ def test_paired_differences_are_taken_within_each_seed(tmp_path):
     _fake_run(tmp_path, "alora", 0, 0.3, 29.5, 0.82)
     _fake_run(tmp_path, "alora", 1, 0.3, 48.5, 0.79)
     _fake_run(tmp_path, "lora_mu", 1, None, 51.0, 0.90, normalization=None)  # seed 0 missing: one pair only
-    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1], ["sciq"])
+    write_reports(tmp_path, reproduce.PAPER_METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1], ["sciq"])
     text = (tmp_path / "table1.md").read_text()
     paired = text[text.index("## Paired"):]
     rows = {line.split(" | ")[0][2:]: line for line in paired.splitlines() if line.startswith("| ")}
@@ -196,7 +196,7 @@ def test_costs_table_averages_measured_peaks_of_the_chosen_runs_only(tmp_path):
         "s2/sciq/alora-0.3": {"wall_s": 120.0, "peak_rss_mib": 3600},
         "s1/sciq/alora-3.0": {"wall_s": 5.0, "peak_rss_mib": 9999},
         "s1/general (SI)": {"wall_s": 170.0, "peak_rss_mib": 3612, "file_mib": 52.4}}))
-    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1, 2], ["sciq"])
+    write_reports(tmp_path, reproduce.PAPER_METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1, 2], ["sciq"])
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "costs.md").read_text().splitlines() if line.startswith("| ")}
     assert rows["ALoRA"] == "| ALoRA | 3,500 ± 141 (n=2) | 110 ± 14 (n=2) |"  # std of (3400, 3600) = 141.4
     assert rows["general (SI)"] == "| general (SI) | 3,612 (n=1) | 170 (n=1) | 52.4 (n=1) |"
