@@ -136,6 +136,11 @@ def write_reports(results_dir: Path, methods, table2, chosen: dict | None, seeds
                    "− layer and LoRA(ν+μ) share the general stage, whose variation across seeds dominates the std above.\n\n")
     t1 = table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds)
     p1 = paired_table(entries, [(m, m.label) for m in methods], tasks, chosen, seeds, reference)
+    beyond = [m for m in methods if getattr(m, "beyond_paper", False)]
+    if beyond and "alora" in by_name:  # e.g. the factored form: what it changes against the paper's dense Ω
+        p1 += ("\n\n## Beyond the paper, paired with ALoRA (dense Ω): each method minus ALoRA on the same seed and task\n\n"
+               "Same general stage, data order, LoRA initialisation and φ; only the method's difference remains.\n\n"
+               + paired_table(entries, [(m, m.label) for m in beyond], tasks, chosen, seeds, by_name["alora"]))
     written.append(_write(results_dir / "table1.md", "# Table 1: general PPL and domain accuracy per method\n\n" + t1 + "\n\n" + note
                           + "\n" + paired_note + p1 + "\n"))
     t2 = table(entries, [(by_name[n], label) for n, label in table2], tasks, chosen, seeds)

@@ -16,9 +16,12 @@ from transformers import TrainerCallback
 from .factored import FactoredTrackedModule
 from .importance import OmegaTracker, TrackedModule, TrackedParameter
 from .importance_file import (
+    FINGERPRINT_KEY,
     OMEGA_DTYPES,
+    SUFFIXES,
     ImportanceFile,
     ImportanceFileError,
+    module_kind,
     module_metadata,
     parameter_metadata,
     write_importance_file,
@@ -170,8 +173,8 @@ class ImportanceRecorder(TrainerCallback):
 
         shard = (self.shard.rank, self.shard.world_size)
         write_importance_file(self.output_path, data, self.omega_dtype, shard=shard)
-        keys = [f"{n}.{suffix}" for n in data.omega for suffix in (("omega", "reference") if n in data.reference else ("omega", "lora_A", "lora_B"))]
-        keys += ["__base_fingerprint__"] if data.fingerprint is not None else []
+        keys = [f"{n}.{suffix}" for n in data.omega for suffix in SUFFIXES[module_kind(data.metadata["modules"][n])]]
+        keys += [FINGERPRINT_KEY] if data.fingerprint is not None else []
         every = [None] * self.shard.world_size
         dist.all_gather_object(every, keys)  # also a barrier: every shard is on disk
         if self.shard.rank == 0:
@@ -187,7 +190,7 @@ class ImportanceRecorder(TrainerCallback):
         omega, clamped = self.tracker.importance(self.xi, previous, in_place=in_place, dtype=OMEGA_DTYPES[self.omega_dtype])
         bad = [n for n, o in omega.items() if not all(bool(torch.isfinite(t).all()) for t in _parts(o))]
         module_meta = self._module_metadata(omega) if not bad else {}
-        total = sum(o.numel() for o in omega.values())
+        total = sum(o.stored() if hasattr(o, "stored") else o.numel() for o in omega.values())  # the factored form clamps sums
         if self.shard.sharded:
             bad, module_meta, clamped, total = self._gather(bad, module_meta, clamped, total)
         if bad:

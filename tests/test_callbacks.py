@@ -78,3 +78,73 @@ def test_reference_is_the_end_of_training_not_a_restored_checkpoint(tmp_path, ca
     expected = (recorder.tracker.modules[0].omega.double() / (delta**2 + 0.1)).clamp_min(0)
     torch.testing.assert_close(data.omega[name].double(), expected, rtol=1e-5, atol=1e-12)
     assert "load_best_model_at_end" in caplog.text
+
+
+def _modules(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (4, 7), (8, 3), (5, 5)]
+    return [LoraModule(f"model.layers.{i}.self_attn.q_proj", torch.nn.Parameter(torch.randn(2, d_in, generator=g) * 0.3),
+                       torch.nn.Parameter(torch.randn(d_out, 2, generator=g) * 0.3), scaling=2.0, r=2, alpha=4.0, use_rslora=False)
+            for i, (d_out, d_in) in enumerate(shapes)]
+
+
+def _train_and_write(out, form, dtype, shard=None):
+    """Three SGD steps on every module (the same on every rank: DDP's gradients are already averaged), then the end."""
+    modules = _modules(0)
+    recorder = ImportanceRecorder(modules, out / "alora_importance.safetensors", xi=0.1, omega_dtype=dtype, metadata={}, shard=shard, form=form,
+                                  fingerprint=torch.arange(4.0))
+    params = [p for m in modules for p in (m.A, m.B)]
+    opt = torch.optim.SGD(params, lr=0.1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=shard is None or shard.rank == 0, num_input_tokens_seen=0)
+    recorder.on_train_begin(None, state, None)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        sum(((torch.randn(4, m.A.shape[1], generator=g) @ (2.0 * m.B @ m.A).T) ** 2).mean() for m in modules).backward()
+        recorder.on_pre_optimizer_step(None, state, None, optimizer=opt)
+        opt.step()
+        recorder.on_optimizer_step(None, state, None)
+        state.global_step += 1
+    recorder.on_train_end(None, state, None)
+    return recorder
+
+
+def _sharded_writer(rank, world, rendezvous, out, form, dtype):
+    import torch.distributed as dist
+
+    from axolotl_alora.sharding import Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        sizes = {m.name: m.shape[0] * m.shape[1] for m in _modules(0)}
+        recorder = _train_and_write(out, form, dtype, Shard.of(sizes, rank, world))
+        assert len(recorder.tracker.modules) == 2  # its share only
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("form,dtype", [("dense", "float32"), ("factored", "bfloat16")])
+def test_two_ranks_write_shards_that_read_as_the_single_process_file(tmp_path, form, dtype):
+    import torch.multiprocessing as mp
+
+    single = _train_and_write(tmp_path / "single", form, dtype)
+    assert len(single.tracker.modules) == 4
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_sharded_writer, args=(k, 2, str(tmp_path / "rendezvous"), tmp_path / "sharded", form, dtype)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "alora_importance-00001-of-00002.safetensors", "alora_importance-00002-of-00002.safetensors", "alora_importance.safetensors.index.json"]
+    a = read_importance_file(tmp_path / "single" / "alora_importance.safetensors")
+    b = read_importance_file(tmp_path / "sharded" / "alora_importance.safetensors")
+    assert list(a.omega) == list(b.omega) and a.metadata["modules"] == b.metadata["modules"]
+    assert a.metadata["clamped_fraction"] == b.metadata["clamped_fraction"] and torch.equal(a.fingerprint, b.fingerprint)
+    for name in a.omega:
+        x, y = a.omega[name], b.omega[name]
+        for t, u in ((x.u, y.u), (x.v, y.v)) if form == "factored" else ((x, y),):
+            assert torch.equal(t, u)
+        assert torch.equal(a.lora_A[name], b.lora_A[name]) and torch.equal(a.lora_B[name], b.lora_B[name])
+    assert {e["kind"] for e in b.metadata["modules"].values()} == {"lora" if form == "dense" else "factored"}

@@ -212,3 +212,20 @@ def test_peak_memory_is_the_childs_own_not_the_parents(tmp_path):
                                 tmp_path / "child.log", tmp_path, "child")
     assert 100 <= cost["peak_rss_mib"] < 250, cost  # 100 MiB array + the interpreter, without the parent's 300 MiB
     assert ballast.sum() > 0
+
+
+def test_a_method_beyond_the_paper_is_paired_with_dense_alora(tmp_path):
+    from alora_bench.reproduce_report import write_reports
+
+    (tmp_path / "scale.json").write_text(json.dumps({"domain_steps": 2}))
+    _fake_run(tmp_path, "alora", 0, 0.3, 30.0, 0.80)
+    _fake_run(tmp_path, "alora", 1, 0.3, 50.0, 0.85)
+    _fake_run(tmp_path, "alora_factored", 0, 0.3, 31.0, 0.81)
+    _fake_run(tmp_path, "alora_factored", 1, 0.3, 52.0, 0.82)
+    write_reports(tmp_path, reproduce.METHODS, reproduce.TABLE2, {"phi": 0.3, "lambda": 0.03}, [0, 1], ["sciq"])
+    text = (tmp_path / "table1.md").read_text()
+    beyond = text.split("## Beyond the paper")[1]
+    row = next(line for line in beyond.splitlines() if line.startswith("| ALoRA factored |"))
+    # WikiText-2 +1 and +2 (mean +1.50 ± 0.71, lower on 0 seeds); accuracy +1 and −3 points (−1.0 ± 2.8, higher on 1)
+    assert row.startswith("| ALoRA factored | +1.50 ± 0.71 (0 of 2 lower) |") and row.endswith("| -1.0 ± 2.8 (1 of 2 higher) |")
+    assert "| ALoRA factored |" not in (tmp_path / "table2.md").read_text()
