@@ -17,18 +17,44 @@ import argparse
 from axolotl_alora.memory import STORAGE, _count, _size, config_module_sizes, domain_stage, general_stage, rank_share
 
 
-def row(label: str, spec: str, rank: int, ranks: list[int]) -> list[str]:
+def peaks(spec: str, rank: int, ranks: list[int]) -> tuple[int, dict]:
+    """Ω's elements, and {(option, world size): (general peak, domain peak)} in bytes."""
     path, targets = spec.rsplit(":", 1)
     cfg = {"lora_r": rank, **({"lora_target_linear": True} if targets == "linear" else {"lora_target_modules": targets.split(",")})}
     sizes = config_module_sizes(cfg, path)
-    n = sum(m.numel for m in sizes)
-    cells = []
+    out = {}
     for name, dtype, form in STORAGE:
         for world in ranks:
             share = rank_share(sizes, world)
-            g, d = general_stage(share, dtype, form), domain_stage(share, dtype, form)
-            cells.append(f"{_size(g.peak)} / {_size(d.peak)}")
-    return [f"| {label} | {_count(n)} | {_size(4 * n)} | " + " | ".join(cells) + " |"]
+            out[(name, world)] = (general_stage(share, dtype, form).peak, domain_stage(share, dtype, form).peak)
+    return sum(m.numel for m in sizes), out
+
+
+def row(label: str, n: int, figures: dict) -> str:
+    cells = [f"{_size(g)} / {_size(d)}" for g, d in figures.values()]
+    return f"| {label} | {_count(n)} | {_size(4 * n)} | " + " | ".join(cells) + " |"
+
+
+def plot(models: dict[str, dict], path: str) -> None:
+    """Domain-stage peak per process for each option and world size, log scale, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    options = list(next(iter(models.values())))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(options)
+    for i, option in enumerate(options):
+        ax.bar([k + i * width for k in range(len(models))], [figs[option][1] / 1e9 for figs in models.values()], width,
+               label=f"{option[0]}, {option[1]} rank{'s' if option[1] > 1 else ''}")
+    ax.set_yscale("log")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(models))], list(models))
+    ax.set_ylabel("GB added per process (domain stage peak)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("ALoRA's memory on top of plain LoRA, by option (memory model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -36,13 +62,19 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="+", help="LABEL=CONFIG:TARGETS")
     parser.add_argument("--rank", type=int, default=16, help="LoRA r")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8], help="data-parallel world sizes")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the domain-stage peaks")
     args = parser.parse_args(argv)
     heads = [f"{label}, {world} rank{'s' if world > 1 else ''}" for label, _, _ in STORAGE for world in args.ranks]
     print("| model, targets | Ω elements | Ω float32 | " + " | ".join(heads) + " |")
     print("|---|---:|---:|" + "---:|" * len(heads))
+    models = {}
     for model in args.models:
         label, spec = model.split("=", 1)
-        print("\n".join(row(label, spec, args.rank, args.ranks)))
+        n, figures = peaks(spec, args.rank, args.ranks)
+        models[label] = figures
+        print(row(label, n, figures))
+    if args.plot:
+        plot(models, args.plot)
     print(f"\nEach cell: peak added per process on top of plain LoRA, general stage / domain stage (LoRA r {args.rank}).")
     return 0
 
