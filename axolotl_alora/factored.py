@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .importance import _all_finite, equivalent_gradient_factors, product_change_factors
+from .importance import _all_finite, equivalent_gradient_factors, product_change_factors, reference_difference_factors
 
 
 def omega_row_col_sums(P: Tensor, Q: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,11 +79,7 @@ def factored_penalty(A: Tensor, B: Tensor, u: Tensor, v: Tensor, A_ref: Tensor, 
     """
     A, B, u, v = A.float(), B.float(), u.float(), v.float()
     r = A.shape[0]
-    same_rank = A_ref.shape[0] == r
-    if same_rank:
-        U, V = torch.cat([B - B_ref, B_ref], dim=1), torch.cat([A, A - A_ref], dim=0)
-    else:  # a reference of another rank (another lora_r, or EWC's zero reference): U = [B, B^ν], V = [A; −A^ν]
-        U, V = torch.cat([B, B_ref], dim=1), torch.cat([A, -A_ref], dim=0)
+    U, V, same_rank = reference_difference_factors(A, B, A_ref, B_ref)
     uU = u[:, None] * U  # diag(u)·U
     Vv = V * v  # V·diag(v)
     G_u, G_v = U.T @ uU, Vv @ V.T

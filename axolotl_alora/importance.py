@@ -51,6 +51,15 @@ def product_change_factors(A_before: Tensor, B_before: Tensor, A_after: Tensor, 
     return torch.cat([B_after - B_before, B_before], dim=1), torch.cat([A_after, A_after - A_before], dim=0)
 
 
+def reference_difference_factors(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """U, V with B·A − B^ν·A^ν = U·V (exactly 0 at the reference), and whether the reference has A's rank:
+    U = [B − B^ν, B^ν], V = [A; A − A^ν]; for a reference of another rank (another lora_r, or EWC's zero
+    reference) U = [B, B^ν], V = [A; −A^ν]. Shared by the penalty's dense and factored forms (eq. 16)."""
+    if A_ref.shape[0] == A.shape[0]:
+        return torch.cat([B - B_ref, B_ref], dim=1), torch.cat([A, A - A_ref], dim=0), True
+    return torch.cat([B, B_ref], dim=1), torch.cat([A, -A_ref], dim=0), False
+
+
 def _product_change(A_before: Tensor, B_before: Tensor, A_after: Tensor, B_after: Tensor) -> Tensor:
     U, V = product_change_factors(A_before, B_before, A_after, B_after)
     return U @ V

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .factored import FactoredOmega, factored_penalty
-from .importance import row_blocks
+from .importance import reference_difference_factors, row_blocks
 from .importance_file import ImportanceFile, ImportanceFileError, frobenius_norm
 
 LOG = logging.getLogger("axolotl.alora")
@@ -69,11 +69,7 @@ def quadratic_penalty(A: Tensor, B: Tensor, omega: Tensor, A_ref: Tensor, B_ref:
     """
     A, B = A.float(), B.float()
     r = A.shape[0]
-    same_rank = A_ref.shape[0] == r
-    if same_rank:
-        U, V = torch.cat([B - B_ref, B_ref], dim=1), torch.cat([A, A - A_ref], dim=0)
-    else:  # a reference of another rank (another lora_r, or EWC's zero reference): U = [B, B^ν], V = [A; −A^ν]
-        U, V = torch.cat([B, B_ref], dim=1), torch.cat([A, -A_ref], dim=0)
+    U, V, same_rank = reference_difference_factors(A, B, A_ref, B_ref)
     UtG = torch.zeros_like(V)
     GAt = torch.empty_like(B)
     for rows in row_blocks(*omega.shape):
