@@ -33,6 +33,7 @@ from .sharding import Shard, data_parallel
 
 LOG = logging.getLogger("axolotl.alora")
 CHECKPOINT_STATE = "alora_state.safetensors"
+FACTORED_DELTA_LIMIT = 0.1  # the factored form drops Δ² from ω/(Δ² + ξ): warn when mean Δ² exceeds this share of ξ
 
 
 class NonFiniteImportanceError(RuntimeError):
@@ -123,7 +124,7 @@ class ImportanceRecorder(TrainerCallback):
         self.tracker.before_step({n: groups[g]["lr"] for n, g in self._group_of.items()})
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.tracker.after_step(state.global_step)
+        self.tracker.after_step(state.global_step + 1)  # the Trainer numbers this step global_step + 1 (logs, checkpoints)
 
     def _param_groups(self, groups) -> dict[str, int]:
         index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
@@ -156,6 +157,7 @@ class ImportanceRecorder(TrainerCallback):
                 "ALoRA: %d optimizer step(s) had non-finite gradients or weights and added nothing to the importance "
                 "(an fp16 step the grad scaler skipped, or divergence): steps %s", len(self.tracker.skipped), _steps(self.tracker.skipped),
             )
+        self._check_factored_delta()
         data = self.importance(tokens=int(getattr(state, "num_input_tokens_seen", 0) or 0), in_place=True)
         if self.shard.sharded:
             written = self._write_shard(data)
@@ -166,6 +168,17 @@ class ImportanceRecorder(TrainerCallback):
             LOG.info(
                 "ALoRA: wrote importance for %d modules (%d steps, %.2g%% elements clamped, effective layers %.1f of %d) to %s",
                 len(meta["modules"]), meta["steps"], 100 * meta["clamped_fraction"], meta["effective_layers"], len(meta["modules"]), written,
+            )
+
+    def _check_factored_delta(self) -> None:
+        """The factored form's Ω ≈ ω/ξ assumes Δ² ≪ ξ (factored.factored_importance); say where that does not hold."""
+        ratios = {m.name: float(m.mean_delta_sq()) / self.xi for m in self.tracker.modules if isinstance(m, FactoredTrackedModule)}
+        worst = max(ratios, key=ratios.get, default=None)
+        if worst is not None and ratios[worst] > FACTORED_DELTA_LIMIT:
+            LOG.warning(
+                "ALoRA: factored importance assumes the stage's weight change Δ is small next to ξ, but mean Δ² is %.3g·ξ in %s "
+                "(%d of %d modules above %g·ξ): Ω is overstated there. Raise alora_xi, or use alora_importance_form: dense.",
+                ratios[worst], worst, sum(r > FACTORED_DELTA_LIMIT for r in ratios.values()), len(ratios), FACTORED_DELTA_LIMIT,
             )
 
     def _write_shard(self, data: ImportanceFile):

@@ -143,8 +143,7 @@ class FactoredOmega:
 
     def __add__(self, other: FactoredOmega | Tensor) -> FactoredOmega:
         """Continual use (Σ_ν Ω^ν, eq. 15): the rank-1 form with the summed row and column sums."""
-        if isinstance(other, Tensor):
-            other = FactoredOmega.from_dense(other.to(self.u.device))
+        other = FactoredOmega.from_dense(other.to(self.u.device)) if isinstance(other, Tensor) else other.to(self.u.device)
         rows = self.u.double() * self.v.double().sum() + other.u.double() * other.v.double().sum()
         cols = self.v.double() * self.u.double().sum() + other.v.double() * other.u.double().sum()
         total = cols.sum()

@@ -100,13 +100,15 @@ def sample_sequences(documents: list[str], tokenizer, sequence_len: int, samples
 @torch.no_grad()
 def mean_token_loss(model, sequences: Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> float:
     """Mean next-token cross-entropy over every predicted token of `sequences`, the model in eval mode.
-    With world_size > 1 each rank scores every world_size-th sequence and the sums are all-reduced."""
+    With world_size > 1 each rank scores every world_size-th sequence and the sums are all-reduced; a rank
+    left with none (fewer sequences than ranks) scores nothing but still joins the all-reduce."""
     device = next(p.device for p in model.parameters())
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for batch in sequences[rank::world_size].split(batch_size):
+        mine = sequences[rank::world_size]
+        for batch in mine.split(batch_size) if len(mine) else ():  # split() of an empty tensor yields one empty batch
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             targets = batch[:, 1:]
@@ -214,6 +216,8 @@ class GeneralEvalCallback(TrainerCallback):
         return modules, parameters
 
     def _log_now(self, model, step: int, control) -> None:
+        if self.last_step == step:  # already scored (eval_strategy epoch evaluates after the last step's own score)
+            return
         self.last, self.last_step = self._score(model), step
         self.evaluations.append({"step": step, "loss": self.last})
         should_log = control.should_log

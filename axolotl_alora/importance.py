@@ -78,6 +78,20 @@ def importance_from_omega(omega: Tensor, delta: Tensor, xi: float) -> tuple[Tens
     return omega.clamp_min_(0.0), clamped
 
 
+def add_importance(omega, previous):
+    """Ω_new + Ω_old (continual use) for any pair of forms: a dense Ω (a Tensor) or a factored one (u·vᵀ, anything
+    with `u` and `v`). Dense + factored adds u·vᵀ to the dense Ω a block of rows at a time; a factored Ω
+    (FactoredOmega.__add__) keeps the summed row and column sums of both."""
+    if not isinstance(omega, Tensor):
+        return omega + previous
+    if isinstance(previous, Tensor):
+        return omega.add_(previous.to(omega.device))
+    u, v = previous.u.to(omega.device, torch.float32), previous.v.to(omega.device, torch.float32)
+    for rows in row_blocks(*omega.shape):
+        omega[rows].addr_(u[rows], v)
+    return omega
+
+
 def _all_finite(*tensors: Tensor) -> Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
@@ -241,7 +255,8 @@ class OmegaTracker:
 
     @torch.no_grad()
     def after_step(self, step: int | None = None) -> None:
-        finite = bool(torch.stack([m.finite() for m in self.modules]).all())  # one host sync per step
+        # one host sync per step; a rank that owns no module (sharded, more ranks than modules) has nothing to check
+        finite = not self.modules or bool(torch.stack([m.finite() for m in self.modules]).all())
         for m in self.modules:
             if finite:
                 m.accumulate()
@@ -260,7 +275,7 @@ class OmegaTracker:
         for m in self.modules:
             omega, n = m.importance(xi, in_place)
             if previous is not None:
-                omega += previous[m.name].to(omega.device)
+                omega = add_importance(omega, previous[m.name])
             out[m.name], clamped = omega.to(dtype), clamped + n
             if in_place and isinstance(m, (TrackedModule, TrackedParameter)):
                 m.omega = out[m.name]

@@ -27,16 +27,11 @@ from torch import Tensor
 
 from .factored import FactoredOmega, factored_penalty
 from .importance import reference_difference_factors, row_blocks
-from .importance_file import ImportanceFile, ImportanceFileError, frobenius_norm
+from .importance_file import ImportanceFile, ImportanceFileError
 
 LOG = logging.getLogger("axolotl.alora")
 
 LAYER_WEIGHTINGS = ("softmax", "uniform", "none")
-
-
-def importance_norms(omegas: list[Tensor]) -> Tensor:
-    """n_l = ‖Ω_l‖_F for each module (eq. 17), in float64."""
-    return torch.tensor([frobenius_norm(omega) for omega in omegas], dtype=torch.float64)
 
 
 def layer_weights(norms: Tensor, mode: str = "softmax", temperature: float | str = 1.0) -> Tensor:

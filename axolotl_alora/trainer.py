@@ -23,8 +23,8 @@ class AloraTrainer(AxolotlTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self.alora_regularizer is None or not model.training:
-            return out
+        if self.alora_regularizer is None or not model.training or self.alora_phi == 0:
+            return out  # φ = 0: no pass over Ω (and no all-reduce when sharded); nothing to add or log
         loss, outputs = out if return_outputs else (out, None)
         # one pass over Ω per optimizer step: all micro-batches of a step see the same parameters
         reg = self.alora_regularizer(self.state.global_step)
@@ -33,9 +33,8 @@ class AloraTrainer(AxolotlTrainer):
         divided_later = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
         penalty = self.alora_phi * (reg if divided_later else reg / self.current_gradient_accumulation_steps)
         self._alora_record(reg.detach(), penalty.detach() / loss.detach())
-        if self.alora_phi != 0:
-            loss = loss + penalty
-            self._alora_penalty = self.alora_phi * reg.detach() / self.current_gradient_accumulation_steps
+        loss = loss + penalty
+        self._alora_penalty = self.alora_phi * reg.detach() / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -1,4 +1,4 @@
-"""lm-eval tasks in alora_bench/tasks/ and `alora eval` (alora_bench.evaluation), offline, on a tiny model."""
+"""lm-eval tasks in eval/alora_bench/tasks/ and `alora eval` (alora_bench.evaluation), offline, on a tiny model."""
 
 from __future__ import annotations
 

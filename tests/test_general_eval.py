@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from axolotl_alora.general_eval import (
+    GeneralEvalCallback,
     GeneralEvalError,
     GeneralScores,
     kept_share,
@@ -113,3 +114,53 @@ def test_kept_share_and_the_closing_line():
     rise = GeneralScores(3.0).verdict(3.1)
     assert "+0.1000" in rise and f"{math.exp(3.0):.2f} → {math.exp(3.1):.2f}" in rise
     assert "no share" in GeneralScores(3.0, 3.2).verdict(3.3)
+
+
+def _ranked_loss(rank, world, rendezvous, model_dir, seqs, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        torch.save(torch.tensor(mean_token_loss(model, seqs, 4, rank, world)), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fewer_sequences_than_ranks_a_rank_with_none_still_joins(tmp_path, tiny):
+    """DDP with one sequence and two ranks: rank 1 scores nothing (it fed an empty batch to the model before), and
+    both ranks get the loss of that one sequence."""
+    import torch.multiprocessing as mp
+
+    model_dir, tok, jsonl = tiny
+    seqs = sample_sequences(read_documents(str(jsonl)), tok, 16, 1, seed=0)
+    expected = mean_token_loss(AutoModelForCausalLM.from_pretrained(str(model_dir)), seqs, 4)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ranked_loss, args=(k, 2, str(tmp_path / "rdv"), model_dir, seqs, str(tmp_path / "loss"))) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for k in range(2):
+        assert float(torch.load(f"{tmp_path / 'loss'}.{k}", weights_only=True)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_last_step_is_scored_once_when_an_epoch_evaluation_follows(tiny):
+    """eval_strategy epoch: the Trainer evaluates after the last step's on_step_end, which has scored it already."""
+    import contextlib
+    from types import SimpleNamespace
+
+    model_dir, tok, jsonl = tiny
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    logged = []
+    trainer = SimpleNamespace(compute_loss_context_manager=contextlib.nullcontext, args=SimpleNamespace(per_device_eval_batch_size=4),
+                              log=logged.append)
+    callback = GeneralEvalCallback(trainer, sample_sequences(read_documents(str(jsonl)), tok, 16, 4, seed=0))
+    state, control = SimpleNamespace(global_step=3, max_steps=3), SimpleNamespace(should_evaluate=False, should_log=False)
+    callback.on_step_end(None, state, control, model=model)
+    callback.on_evaluate(None, state, control, model=model)
+    assert [e["step"] for e in callback.evaluations] == [3] and len(logged) == 1
+    state.global_step = 4  # a later evaluation is scored
+    callback.on_evaluate(None, state, control, model=model)
+    assert [e["step"] for e in callback.evaluations] == [3, 4]

@@ -137,8 +137,8 @@ def measured(tmp_path_factory):
                "plugins": ["axolotl_alora.AloraPlugin", "scaffold_plugins.PeakMemoryPlugin"]}
     # glibc's default raises its mmap threshold as blocks are freed and then keeps freed blocks of up to 32 MB
     # resident in the heap: RSS would count the allocator's retention, which differs run to run. A fixed threshold
-    # makes RSS what the process holds (results/memory.md gives both).
-    threshold = os.environ.get("ALORA_TEST_MMAP_THRESHOLD", "65536")  # "default": glibc's own, for results/memory.md
+    # makes RSS what the process holds (eval/results/memory.md gives both).
+    threshold = os.environ.get("ALORA_TEST_MMAP_THRESHOLD", "65536")  # "default": glibc's own, for eval/results/memory.md
     env = {} if threshold == "default" else {"MALLOC_MMAP_THRESHOLD_": threshold}
     with cf.ThreadPoolExecutor(max_workers=2) as pool:
         r = Runs(tmp_path_factory.mktemp("memory"), pool, model=MEASURED, **targets)
@@ -167,7 +167,7 @@ def test_model_predicts_the_measured_peak_within_10_percent(measured, stage, run
     predicted = (general_stage if stage == "general" else domain_stage)(sizes, dtype)
     difference = _peak_bytes(measured[run]) - _peak_bytes(measured[plain])
     assert predicted.transient < 0.05 * predicted.persistent, "the setting must make the model's main term dominate"
-    report = os.environ.get("ALORA_MEMORY_REPORT")  # a markdown row per case, for results/memory.md
+    report = os.environ.get("ALORA_MEMORY_REPORT")  # a markdown row per case, for eval/results/memory.md
     if report:
         with open(report, "a") as f:
             f.write(f"| {stage} | {dtype} | {_peak_bytes(measured[plain]) / 1e6:.1f} | {_peak_bytes(measured[run]) / 1e6:.1f} | "

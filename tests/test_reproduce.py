@@ -1,4 +1,4 @@
-"""alora_bench/reproduce.py: the selection rule, the scale guard, and the whole driver on the tiny model (2-step budget)."""
+"""eval/alora_bench/reproduce.py: the selection rule, the scale guard, and the whole driver on the tiny model (2-step budget)."""
 
 import json
 import subprocess

@@ -27,7 +27,7 @@ import yaml
 from alora_bench import runs
 from alora_bench.runs import axolotl_train, last_train_log, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
 TASKS = ("sciq", "piqa", "medmcqa")
 PPL_TASKS = ("alora_wikitext2", "alora_general_ppl")
@@ -401,7 +401,7 @@ def parse_args(argv=None):
                                 epilog="Rule for φ and λ (fixed before any test number is read): " + RULE + ".")
     p.add_argument("job", nargs="?", choices=("all", "sweep", "grid", "report"), default="all")
     p.add_argument("--work", default=str(REPO / "work" / "reproduce"), help="adapters, logs, configs (default ./work/reproduce)")
-    p.add_argument("--results", default=str(REPO / "results" / "reproduce"), help="lm-eval JSON, tables, plots")
+    p.add_argument("--results", default=str(REPO / "eval" / "results" / "reproduce"), help="lm-eval JSON, tables, plots")
     p.add_argument("--base-model", help="a Hugging Face model directory instead of the packaged SmolLM2")
     p.add_argument("--data-dir", help="shared data folder (default ../shared/data or $ALORA_DATA_DIR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the sweep uses the first)")

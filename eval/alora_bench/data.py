@@ -52,7 +52,7 @@ SPLIT_RULE = {
 def data_dir(path: str | Path | None = None) -> Path:
     """`path`, else $ALORA_DATA_DIR, else <repo root>/../shared/data; it must exist."""
     if path is None:
-        path = os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+        path = os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
     root = Path(path).resolve()
     if not root.is_dir():
         raise FileNotFoundError(

@@ -1,4 +1,4 @@
-"""Tables and plots of `alora_bench/reproduce.py`, made from the lm-eval JSON in its results folder alone.
+"""Tables and plots of `eval/alora_bench/reproduce.py`, made from the lm-eval JSON in its results folder alone.
 
 table1.md (the paper's Table 1: methods × tasks, general PPL ↓ and accuracy ↑, mean ± std over seeds),
 table2.md (the ablations), costs.md (each stage's peak memory and wall time, from costs.json), sweep.md and

@@ -3,7 +3,7 @@
     base eval → general stage (LoRA + importance) → domain stage on SciQ with ALoRA
               → the same domain stage with plain LoRA (LoRA(ν+μ)) → eval of every adapter → one table
 
-A preset of the reproduction driver (alora_bench/reproduce.py): one seed (the examples' 42), SciQ, and the
+A preset of the reproduction driver (eval/alora_bench/reproduce.py): one seed (the examples' 42), SciQ, and the
 Base, general, ALoRA and LoRA(ν+μ) runs of its grid, in the main job's own folders (work/runs/general,
 work/runs/domain-alora, work/runs/domain-lora, work/eval) and with its own table. A rerun starts over.
 Configs come from examples/smollm2-cpu/ with paths, steps and batch overridden by the flags.
@@ -27,7 +27,7 @@ import yaml
 
 from alora_bench import reproduce, runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
 TASK = "sciq"
 DOMAIN_TASKS = ["alora_sciq"]
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-length", type=int, default=1024, help="lm-eval context / perplexity window in tokens (0: the model's maximum)")
     p.add_argument("--phi", type=float, help="override alora_phi of examples/smollm2-cpu/domain-alora.yml")
-    p.add_argument("--results", default=str(REPO / "results" / "main_job.md"), help="where to record the table")
+    p.add_argument("--results", default=str(REPO / "eval" / "results" / "main_job.md"), help="where to record the table")
     return p.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """`alora eval`: lm-eval-harness on a base model and on each LoRA adapter, then one Table-1 markdown.
 
 Every run is one `lm_eval.simple_evaluate(model="hf", model_args={pretrained, peft})` over the
-tasks in `alora_bench/tasks/` (plus lm-eval's stock tasks). lm-eval's results dict is saved as
+tasks in `eval/alora_bench/tasks/` (plus lm-eval's stock tasks). lm-eval's results dict is saved as
 `<out>/<run>.json`; `<out>/table.md` and `<out>/table.json` hold the side-by-side table.
 """
 
@@ -29,7 +29,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def task_manager():
-    """lm-eval's TaskManager with the repository's `alora_bench/tasks/` folder added."""
+    """lm-eval's TaskManager with the repository's `eval/alora_bench/tasks/` folder added."""
     from lm_eval.tasks import TaskManager
 
     if not TASKS_DIR.is_dir():

@@ -1,7 +1,7 @@
 """What holding Ω in bfloat16 (`alora_importance_dtype: bfloat16`) changes, against float32, in one run each:
 the logged L_reg at every logging step and the trained adapter, on the main job's domain stage (SmolLM2, SciQ).
 
-    python -m alora_bench.omega_dtype --work work --out results/omega_dtype.md
+    python -m alora_bench.omega_dtype --work work --out eval/results/omega_dtype.md
 
 Needs the main job's general stage (work/runs/general, from `bash scripts/main.sh`); writes the two domain
 stages under work/runs/omega-<dtype> and a markdown table. Both runs are launched side by side, so their
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="work")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default="results/omega_dtype.md")
+    parser.add_argument("--out", default="eval/results/omega_dtype.md")
     parser.add_argument("--force", action="store_true", help="train again even where both runs finished")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SI vs Fisher cost, each process started from this small shell under GNU time (its peak RSS is its own):
-# the seed-0 general stage of alora_bench/reproduce.py with and without importance recording (5 steps: the peak is
+# the seed-0 general stage of eval/alora_bench/reproduce.py with and without importance recording (5 steps: the peak is
 # reached in the first step), and `alora fisher` at 8 sequences (the peak does not grow with the count).
 # Needs `bash scripts/reproduce.sh sweep` first (its model, data and configs under work/reproduce/).
 set -euo pipefail
