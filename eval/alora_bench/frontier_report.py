@@ -1,0 +1,230 @@
+"""frontier.md and frontier.png from the frontier's point files alone (`python -m alora_bench.frontier report`).
+
+Each point file (`<results>/points/s<seed>/<task>/<method>[-<knob>].json`) holds one adapter's SciQ (or MedMCQA)
+accuracy, its general held-out loss (the plugin's scorer on a fixed sample), lm-eval's perplexities and its costs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from alora_bench.frontier import LEVEL_SHARES, METHODS
+
+ANCHORED = {"wise_lora", "wise_alora"}  # WiSE-FT's α = 0 is ν and α = 1 its end point: both belong to its curve
+TASK_LABELS = {"sciq": "SciQ", "medmcqa": "MedMCQA"}
+
+
+def load(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / "points").rglob("*.json"))]
+
+
+def find(points: list[dict], method: str, seed: int = 0, task: str = "sciq", knob=None) -> dict | None:
+    for p in points:
+        if (p["method"], p["seed"], p["task"]) == (method, seed, task) and (knob is None or _same(p["knob"], knob)):
+            return p
+    return None
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+
+
+def kept(point: dict, base: dict, nu: dict) -> float | None:
+    """The share of the general stage's gain in general loss still there: (base − now) / (base − ν)."""
+    gain = base["general_loss"] - nu["general_loss"]
+    return (base["general_loss"] - point["general_loss"]) / gain if gain > 0 else None
+
+
+def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") -> list[dict]:
+    """The method's points at one seed and task, in knob order; WiSE-FT with ν (α 0) and its end point (α 1)."""
+    found = sorted((p for p in points if (p["method"], p["seed"], p["task"]) == (method, seed, task)), key=lambda p: p["knob"])
+    if method in ANCHORED and found:
+        nu = find(points, "general", seed, task)
+        end = find(points, "lora", seed, task, 1.0) if method == "wise_lora" else find(points, "alora", seed, task, found[0].get("end_knob"))
+        found = ([{**nu, "knob": 0.0}] if nu else []) + found + ([{**end, "knob": 1.0}] if end else [])
+    if method == "lora_lr":
+        end = find(points, "lora", seed, task, 1.0)
+        found = found + ([{**end, "knob": 1.0}] if end else [])
+    return found
+
+
+def at_accuracy(points: list[dict], level: float) -> float | None:
+    """General loss at `level` accuracy, linear between the two points of the curve (sorted by accuracy) that bracket it."""
+    ordered = sorted(points, key=lambda p: p["acc"])
+    for a, b in zip(ordered, ordered[1:]):
+        if a["acc"] <= level <= b["acc"]:
+            if b["acc"] == a["acc"]:
+                return min(a["general_loss"], b["general_loss"])
+            t = (level - a["acc"]) / (b["acc"] - a["acc"])
+            return a["general_loss"] + t * (b["general_loss"] - a["general_loss"])
+    return None
+
+
+def levels(points: list[dict], plan: dict) -> list[float] | None:
+    if plan.get("levels"):
+        return plan["levels"]
+    nu, end = find(points, "general"), find(points, "lora", knob=1.0)
+    return [nu["acc"] + s * (end["acc"] - nu["acc"]) for s in LEVEL_SHARES] if nu and end else None
+
+
+def _f(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def point_row(p: dict, base: dict, nu: dict, knob: str) -> str:
+    k = kept(p, base, nu) if base and nu else None
+    rise = p["general_loss"] - base["general_loss"] if base else None
+    wall = (p.get("train_wall_s") or 0) + p["eval_wall_s"]
+    return (f"| {knob} | {100 * p['acc']:.1f} ± {100 * p['acc_stderr']:.1f} | {p['general_loss']:.4f} | {_f(rise, '+.4f')} | "
+            f"{_f(k and 100 * k, '.0f')}{'%' if k is not None else ''} | {p['general_ppl']:.2f} | {p['wikitext2_ppl']:.2f} | "
+            f"{_f(p.get('in_training_loss'), '.4f')} | {_f(p.get('train_wall_s'), '.0f')} | {wall:.0f} |")
+
+
+HEAD = ("| {knob} | SciQ acc % ± s.e. | general loss ↓ | rise over base | ν's gain kept | lm-eval general PPL ↓ | WikiText-2 PPL ↓ | "
+        "in-training general loss | train s | train + eval s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def method_tables(points: list[dict], base: dict, nu: dict) -> list[str]:
+    lines = []
+    for name, method in METHODS.items():
+        found = sorted((p for p in points if (p["method"], p["seed"], p["task"]) == (name, 0, "sciq")), key=lambda p: p["knob"])
+        if not found:
+            continue
+        lines += [f"### {method.label}", "", HEAD.format(knob=method.knob)]
+        lines += [point_row(p, base, nu, f"{p['knob']:.3g}") for p in found]
+        lines.append("")
+    return lines
+
+
+def summary(points: list[dict], lv: list[float], base: dict, nu: dict) -> list[str]:
+    head = " | ".join(f"loss at {100 * x:.1f}% (kept)" for x in lv)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * len(lv)]
+    for name, method in METHODS.items():
+        c = curve(points, name)
+        if not c:
+            continue
+        cells = []
+        for x in lv:
+            loss = at_accuracy(c, x)
+            share = kept({"general_loss": loss}, base, nu) if loss is not None else None
+            cells.append("outside its curve" if loss is None else f"{loss:.4f} ({100 * share:.0f}%)" if share is not None else f"{loss:.4f}")
+        lines.append(f"| {method.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_table(points: list[dict]) -> list[str]:
+    lines = ["| method | knob | seeds | SciQ acc % | general loss | ν's gain kept |", "|---|---:|---:|---:|---:|---:|"]
+    any_row = False
+    for name, method in METHODS.items():
+        knobs = {p["knob"] for p in points if p["method"] == name and p["task"] == "sciq" and p["seed"] != 0}
+        for knob in sorted(knobs):
+            rows = [p for p in points if p["method"] == name and p["task"] == "sciq" and _same(p["knob"], knob)]
+            shares = []
+            for p in rows:
+                b, n = find(points, "base"), find(points, "general", p["seed"])
+                if b and n and kept(p, b, n) is not None:
+                    shares.append(kept(p, b, n))
+            lines.append(f"| {method.label} | {knob:.3g} | {len(rows)} | {_ms([100 * p['acc'] for p in rows], '.1f')} | "
+                         f"{_ms([p['general_loss'] for p in rows], '.4f')} | {_ms([100 * s for s in shares], '.0f')} |")
+            any_row = True
+    return lines if any_row else []
+
+
+def _ms(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    text = format(statistics.fmean(values), fmt)
+    return text + (f" ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else "")
+
+
+def medmcqa_table(points: list[dict]) -> list[str]:
+    base, nu = find(points, "base", task="medmcqa"), find(points, "general", task="medmcqa")
+    rows = [p for p in points if p["task"] == "medmcqa" and p["method"] in METHODS and p["seed"] == 0]
+    if not rows:
+        return []
+    lines = [HEAD.format(knob="method (knob)").replace("SciQ", "MedMCQA")]
+    for ref in (base, nu):
+        if ref:
+            lines.append(point_row(ref, base, nu, "base" if ref is base else "ν"))
+    lines += [point_row(p, base, nu, f"{METHODS[p['method']].label} ({p['knob']:.3g})") for p in rows]
+    return lines
+
+
+def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, method in METHODS.items():
+        c = curve(points, name)
+        if not c:
+            continue
+        ax.errorbar([100 * p["acc"] for p in c], [p["general_loss"] for p in c], xerr=[100 * p["acc_stderr"] for p in c],
+                    marker="o", ms=4, lw=1.2, capsize=0, elinewidth=0.4, label=method.label)
+    for ref, marker in (("base", "s"), ("general", "*")):
+        p = find(points, ref)
+        if p:
+            ax.plot(100 * p["acc"], p["general_loss"], marker, color="black", ms=10, label="base" if ref == "base" else "ν (general stage)")
+    for x in lv or []:
+        ax.axvline(100 * x, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("SciQ test accuracy (%)  →  more domain learning")
+    ax.set_ylabel("general held-out loss (nats/token)  ↓  less forgetting")
+    ax.set_title("Forgetting frontier (SmolLM2-135M, seed 0); dotted: matched-accuracy levels")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Path) -> Path:
+    points = load(results)
+    plan = json.loads((results / "plan.json").read_text()) if (results / "plan.json").is_file() else {}
+    base, nu = find(points, "base"), find(points, "general")
+    lv = levels(points, plan)
+    lines = [
+        "# The forgetting frontier: SciQ accuracy against general-text loss",
+        "",
+        "Command: `python -m alora_bench.frontier run` (resumable; `report` rewrites this file from `points/`). "
+        f"The domain stage's length and learning rate come from the pilot ([pilot.md](pilot.md)): {plan.get('domain_steps', '?')} steps at "
+        f"{plan.get('learning_rate', '?')}, after a general stage of {plan.get('general_steps', '?')} steps; micro-batch 4 × 256 tokens, CPU.",
+        "",
+        "Every point is one adapter. Accuracy: lm-eval on the first 500 SciQ test items (± one standard error). General loss: "
+        "the mean token cross-entropy of the plugin's general-text scorer on one fixed sample of held-out general text "
+        "(64 × 256 tokens, the same for every point and seed); rise over base is peft's measure of forgetting; "
+        "ν's gain kept is (base − now) / (base − ν). lm-eval's general and WikiText-2 perplexities are on 3 documents each. "
+        "The in-training loss is the plugin's `alora_general_loss` at the end of the run (its sample is drawn with the run's seed).",
+        "",
+    ]
+    if base and nu:
+        lines += ["| reference | SciQ acc % ± s.e. | general loss | lm-eval general PPL | WikiText-2 PPL |", "|---|---:|---:|---:|---:|"]
+        for label, p in (("base", base), ("ν (general stage)", nu)):
+            lines.append(f"| {label} | {100 * p['acc']:.1f} ± {100 * p['acc_stderr']:.1f} | {p['general_loss']:.4f} | "
+                         f"{p['general_ppl']:.2f} | {p['wikitext2_ppl']:.2f} |")
+        lines.append("")
+    if lv and base and nu:
+        lines += ["## At matched accuracy", "",
+                  "General loss (and ν's gain kept) each method reaches at three accuracy levels fixed before any method but "
+                  f"LoRA(ν+μ) was read: ν + {', '.join(f'{s:g}' for s in LEVEL_SHARES)} × (LoRA(ν+μ)'s end − ν). Linear between the two "
+                  "points of a method's curve that bracket the level; \"outside its curve\" where no pair does. WiSE-FT's curves "
+                  "include their exact ends (α 0 = ν, α 1 = the end adapter); the learning-rate curve includes the full-rate run.", ""]
+        lines += summary(points, lv, base, nu) + [""]
+    lines += ["![frontier](frontier.png)", "", "## Every point (seed 0)", ""]
+    lines += method_tables(points, base, nu)
+    seeds = seeds_table(points)
+    if seeds:
+        lines += ["## Three seeds at each method's middle point", "",
+                  "Each method's seed-0 point nearest the middle level, rerun with seeds 1 and 2 (each with its own general stage). "
+                  "Mean ± sample standard deviation over the seeds that exist.", ""] + seeds + [""]
+    med = medmcqa_table(points)
+    if med:
+        lines += ["## MedMCQA: each method's middle point, seed 0", "", *med, ""]
+    path = results / "frontier.md"
+    path.write_text("\n".join(lines))
+    plot(points, lv, results / "frontier.png")
+    return path

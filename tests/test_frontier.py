@@ -1,0 +1,134 @@
+"""The frontier harness (eval/alora_bench/frontier.py, frontier_report.py): WiSE-FT's adapter against the formula,
+L2-SP's importance file, the replay mix's token share, and the matched-accuracy interpolation, on a tiny model."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alora_bench.frontier import Frontier, Point, interpolate
+from alora_bench.frontier_report import at_accuracy, curve, kept, write_report
+from alora_bench.reproduce import Paths, Scale
+
+from tiny import build_tiny_llama, write_text_jsonl
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("frontier") / "model")
+
+
+def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int, zero: bool = False) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rslora))
+    if not zero:  # peft starts B at 0; a trained adapter has B ≠ 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(str(out))
+    return out
+
+
+def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """s·B·A per module, from the saved files and adapter_config.json alone (s = α/r, or α/√r with rsLoRA)."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
+            for k in tensors if k.endswith("lora_A.weight")}
+
+
+@pytest.mark.parametrize("ref_r,end_r,rslora,zero_ref", [(4, 4, False, False), (2, 8, True, False), (4, 4, False, True)])
+def test_wise_adapter_is_the_interpolation_of_the_two_deltas(tmp_path, base, ref_r, end_r, rslora, zero_ref):
+    """ΔW(α) = (1 − α)·ΔW_ref + α·ΔW_end to float precision, as one adapter that plain peft loads; different ranks,
+    rsLoRA and a zero reference (ΔW_ref = 0) included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = _adapter(base, tmp_path / "ref", ref_r, 8, False, seed=1, zero=zero_ref)
+    end = _adapter(base, tmp_path / "end", end_r, 16, rslora, seed=2)
+    alpha = 0.3
+    interpolate(base, ref, end, alpha, tmp_path / "wise")
+    got, a, b = _deltas(tmp_path / "wise"), _deltas(ref), _deltas(end)
+    assert set(got) == set(a) == set(b) and len(got) == 4
+    for name in got:
+        torch.testing.assert_close(got[name], (1 - alpha) * a[name] + alpha * b[name], rtol=1e-5, atol=1e-7)
+    assert json.loads((tmp_path / "wise" / "adapter_config.json").read_text())["r"] == ref_r + end_r
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "wise"))  # loads with plain peft
+
+
+def _frontier(tmp_path, base) -> Frontier:
+    paths = Paths(tmp_path / "work", tmp_path / "results", base)
+    scale = Scale(2, 0, 2, 32, 10, 1, 64, 4, 32, "cpu")
+    args = SimpleNamespace(seeds=[0], more_seeds=[], limit=10, ppl_limit=1)
+    return Frontier(args, paths, scale, None, {"domain_steps": 8, "learning_rate": 1e-3})
+
+
+def test_replay_mix_holds_the_share_of_tokens_from_general_training_text(tmp_path, base):
+    frontier = _frontier(tmp_path, base)
+    data = frontier.paths.data
+    data.mkdir(parents=True)
+    write_text_jsonl(data / "sciq_train.jsonl", 60, seed=1, tokenizer_dir=base, tokens=20)
+    write_text_jsonl(data / "general_train.jsonl", 200, seed=2, tokenizer_dir=base, tokens=50)
+    path = frontier.replay_file("sciq", 0.2, seed=0)
+    stats = json.loads(path.with_suffix(".json").read_text())
+    assert 0.2 <= stats["measured_share"] < 0.2 + 50 / (stats["general_tokens"] + stats["domain_tokens"])  # one row past the target
+    general = {json.loads(line)["text"] for line in (data / "general_train.jsonl").read_text().splitlines()}
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert len(rows) == stats["rows"] and set(rows) <= general
+    assert path == frontier.replay_file("sciq", 0.2, seed=0) and path.read_text() == "".join(json.dumps({"text": t}) + "\n" for t in rows)
+
+
+def test_l2sp_file_is_the_general_stage_file_with_omega_one(tmp_path, base):
+    from axolotl_alora.importance_file import ImportanceFile, read_importance_file, write_importance_file
+
+    frontier = _frontier(tmp_path, base)
+    general = frontier.paths.general(0)
+    names = ["m.0.q_proj", "m.0.v_proj"]
+    si = ImportanceFile({n: torch.rand(6, 5) for n in names}, {n: torch.randn(2, 5) for n in names}, {n: torch.randn(6, 2) for n in names},
+                        {"modules": {n: {"kind": "lora", "shape": [6, 5], "r": 2, "alpha": 4.0, "scaling": 2.0, "use_rslora": False, "norm": 1.0}
+                                     for n in names}, "source": "si"})
+    write_importance_file(general / "alora_importance.safetensors", si)
+    uniform = read_importance_file(frontier.uniform_file(0))
+    for n in names:
+        assert torch.equal(uniform.omega[n], torch.ones(6, 5))
+        assert torch.equal(uniform.lora_A[n], si.lora_A[n]) and torch.equal(uniform.lora_B[n], si.lora_B[n])
+        assert uniform.metadata["modules"][n]["norm"] == pytest.approx(math.sqrt(30))
+    assert uniform.metadata["source"] == "uniform"
+
+
+def _point(method, knob, acc, loss, seed=0):
+    return {"method": method, "knob": knob, "seed": seed, "task": "sciq", "acc": acc, "acc_stderr": 0.02, "general_loss": loss,
+            "general_ppl": 50.0, "wikitext2_ppl": 40.0, "in_training_loss": None, "train_wall_s": 10.0, "eval_wall_s": 5.0}
+
+
+def test_matched_accuracy_interpolates_along_the_curve_and_wise_includes_its_ends(tmp_path):
+    base, nu = _point("base", None, 0.60, 3.0), _point("general", None, 0.62, 2.5)
+    lora = [_point("lora", 0.5, 0.70, 2.8), _point("lora", 1.0, 0.80, 2.95)]
+    wise = [{**_point("wise_lora", 0.5, 0.72, 2.6), "end_knob": 1.0}]
+    points = [base, nu, *lora, *wise]
+    assert at_accuracy(lora, 0.75) == pytest.approx(2.875)  # halfway between (0.70, 2.8) and (0.80, 2.95)
+    assert at_accuracy(lora, 0.65) is None  # below the curve: no extrapolation
+    assert [p["knob"] for p in curve(points, "wise_lora")] == [0.0, 0.5, 1.0]  # ν, the α point, LoRA(ν+μ)'s end
+    assert at_accuracy(curve(points, "wise_lora"), 0.76) == pytest.approx(2.6 + 0.5 * (2.95 - 2.6))
+    assert kept({"general_loss": 2.75}, base, nu) == pytest.approx(0.5)
+    results = tmp_path / "results"
+    for p in points:
+        out = results / "points" / f"s{p['seed']}" / "sciq" / f"{p['method']}-{p['knob']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(p))
+    (results / "plan.json").write_text(json.dumps({"domain_steps": 8, "learning_rate": 1e-3, "general_steps": 2}))
+    text = write_report(results).read_text()
+    level = 0.62 + 0.75 * (0.80 - 0.62)  # the top level: ν + 0.75 × (LoRA(ν+μ)'s end − ν)
+    expected = 2.8 + (level - 0.70) / 0.10 * 0.15
+    assert f"{expected:.4f} ({100 * (3.0 - expected) / 0.5:.0f}%)" in text
+    assert (results / "frontier.png").stat().st_size > 0
+    assert Point("alora", 0.3).name == "s0/sciq/alora-0.3"
