@@ -1,16 +1,14 @@
-"""The frontier harness (eval/alora_bench/frontier.py, frontier_report.py): WiSE-FT's adapter against the formula,
-L2-SP's importance file, the replay mix's token share, and the matched-accuracy interpolation, on a tiny model."""
+"""The frontier harness (eval/alora_bench/frontier.py, frontier_report.py): L2-SP's importance file, the replay mix's
+token share, and the matched-accuracy interpolation, on a tiny model (WiSE-FT's adapters: tests/test_interpolate.py)."""
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from alora_bench.frontier import Frontier, Point, interpolate
+from alora_bench.frontier import Frontier, Point
 from alora_bench.frontier_report import at_accuracy, curve, kept, write_report
 from alora_bench.reproduce import Paths, Scale
 
@@ -20,49 +18,6 @@ from tiny import build_tiny_llama, write_text_jsonl
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("frontier") / "model")
-
-
-def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int, zero: bool = False) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rslora))
-    if not zero:  # peft starts B at 0; a trained adapter has B ≠ 0
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
-    model.save_pretrained(str(out))
-    return out
-
-
-def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """s·B·A per module, from the saved files and adapter_config.json alone (s = α/r, or α/√r with rsLoRA)."""
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
-            for k in tensors if k.endswith("lora_A.weight")}
-
-
-@pytest.mark.parametrize("ref_r,end_r,rslora,zero_ref", [(4, 4, False, False), (2, 8, True, False), (4, 4, False, True)])
-def test_wise_adapter_is_the_interpolation_of_the_two_deltas(tmp_path, base, ref_r, end_r, rslora, zero_ref):
-    """ΔW(α) = (1 − α)·ΔW_ref + α·ΔW_end to float precision, as one adapter that plain peft loads; different ranks,
-    rsLoRA and a zero reference (ΔW_ref = 0) included."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    ref = _adapter(base, tmp_path / "ref", ref_r, 8, False, seed=1, zero=zero_ref)
-    end = _adapter(base, tmp_path / "end", end_r, 16, rslora, seed=2)
-    alpha = 0.3
-    interpolate(base, ref, end, alpha, tmp_path / "wise")
-    got, a, b = _deltas(tmp_path / "wise"), _deltas(ref), _deltas(end)
-    assert set(got) == set(a) == set(b) and len(got) == 4
-    for name in got:
-        torch.testing.assert_close(got[name], (1 - alpha) * a[name] + alpha * b[name], rtol=1e-5, atol=1e-7)
-    assert json.loads((tmp_path / "wise" / "adapter_config.json").read_text())["r"] == ref_r + end_r
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "wise"))  # loads with plain peft
 
 
 def _frontier(tmp_path, base) -> Frontier:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from alora_bench import reproduce, runs
 from alora_bench.reproduce import REPO, Paths, Scale, write_json
+from axolotl_alora.interpolate import interpolate_adapters
 
 FRONTIER_TASKS = ("alora_sciq", "alora_wikitext2", "alora_general_ppl")
 PILOT_TASK = "alora_sciq_valid"  # the pilot chooses on validation items; test items only score frontier points
@@ -327,14 +328,14 @@ class Frontier:
                                               "rows": len(chosen), "measured_share": total / (total + sum(tokens(domain)))})
         return out
 
-    # -- WiSE-FT: one PEFT adapter of rank r_ν + r_end, built with peft's add_weighted_adapter(combination_type="cat")
+    # -- WiSE-FT: one PEFT adapter of rank r_ν + r_end (axolotl_alora.interpolate)
     def wise(self, point: Point) -> tuple[Path, dict]:
         end_point = self.wise_end(point)
         end, cost = self.trained(end_point) if end_point.method != "lora" else self.adapter(end_point)
         out = self.run_dir(point)
         if not (out / "adapter_model.safetensors").is_file():
             start = time.time()
-            interpolate(self.paths.base, reproduce.ensure_general(self.paths, self.scale, point.seed), end, point.knob, out)
+            interpolate_adapters(self.paths.base, reproduce.ensure_general(self.paths, self.scale, point.seed), end, point.knob, out)
             write_json(out / "frontier_cost.json", {"wall_s": round(time.time() - start, 1)})
         built = json.loads((out / "frontier_cost.json").read_text())
         return out, {"wall_s": round(cost.get("wall_s", 0) + built["wall_s"], 1), "peak_rss_mib": cost.get("peak_rss_mib")}
@@ -443,35 +444,6 @@ class Frontier:
         points += [Point("base", None, self.args.seeds[0], "medmcqa"), Point("general", None, self.args.seeds[0], "medmcqa")]
         points += [replace(p, task="medmcqa") for p in middle]
         return points
-
-
-def interpolate(base: Path, ref: Path, end: Path, alpha: float, out: Path) -> None:
-    """Write ΔW(α) = (1 − α)·ΔW_ref + α·ΔW_end as one PEFT adapter (rank r_ref + r_end) to `out`, with peft's
-    add_weighted_adapter(combination_type="cat"); checks one module's ΔW against the formula."""
-    import shutil
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(ref), adapter_name="ref")
-    model.load_adapter(str(end), adapter_name="end")
-    model.add_weighted_adapter(["ref", "end"], [1 - alpha, alpha], "wise", combination_type="cat")
-    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and "wise" in m.lora_A)
-
-    def delta(name: str) -> torch.Tensor:
-        return layer.scaling[name] * layer.lora_B[name].weight @ layer.lora_A[name].weight
-
-    torch.testing.assert_close(delta("wise"), (1 - alpha) * delta("ref") + alpha * delta("end"), rtol=1e-5, atol=1e-7)
-    model.set_adapter("wise")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), selected_adapters=["wise"])
-    saved = tmp / "wise" if (tmp / "wise").is_dir() else tmp
-    shutil.rmtree(out, ignore_errors=True)
-    saved.replace(out)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args, paths: Paths, scale: Scale, manager) -> None:

@@ -1,0 +1,61 @@
+"""The forgetting budget's arithmetic (axolotl_alora/budget.py): the budget, the φ controller, the α search."""
+
+import math
+import random
+
+import pytest
+
+from axolotl_alora.budget import MAX_FACTOR, PHI_BOUNDS, PhiController, budget_loss, largest_alpha
+
+BASE, NU = 3.0, 2.5  # general-text loss of the base model and of ν: the general stage's gain is 0.5
+
+
+def response(phi: float, noise: random.Random | None = None) -> float:
+    """A synthetic monotone response: the share kept rises from 0 to 1 over φ's decades (half at φ = 1), plus noise."""
+    kept = 1 / (1 + math.exp(-2.0 * math.log10(phi)))
+    if noise is not None:
+        kept += noise.gauss(0, 0.01)
+    return BASE - kept * (BASE - NU)
+
+
+def test_budget_from_a_share_kept_or_a_rise():
+    assert budget_loss(BASE, NU, keep=0.8) == pytest.approx((2.6, 0.5))
+    assert budget_loss(BASE, None, max_rise=0.05) == pytest.approx((3.05, 0.05))
+    with pytest.raises(ValueError, match="alora_keep needs a general stage"):
+        budget_loss(BASE, None, keep=0.8)
+    with pytest.raises(ValueError, match="alora_keep needs a general stage"):
+        budget_loss(BASE, 3.1, keep=0.8)  # ν did not lower the loss
+
+
+@pytest.mark.parametrize("keep,phi0", [(0.8, 0.03), (0.5, 30.0), (0.95, 1e-3), (0.2, 100.0)])
+def test_controller_reaches_the_budget_within_5_percent_of_the_gain(keep, phi0):
+    target, scale = budget_loss(BASE, NU, keep=keep)
+    noise = random.Random(0)
+    controller = PhiController(phi0, target, scale)
+    for _ in range(25):
+        controller.update(response(controller.phi, noise))
+    assert PHI_BOUNDS[0] <= controller.phi <= PHI_BOUNDS[1]
+    assert abs(response(controller.phi) - target) <= 0.05 * (BASE - NU)
+    factors = [b["phi"] / a["phi"] for a, b in zip(controller.history, controller.history[1:])]
+    assert all(1 / MAX_FACTOR - 1e-12 <= f <= MAX_FACTOR + 1e-12 for f in factors)
+
+
+def test_controller_holds_phi_when_the_budget_is_met_and_stays_in_bounds():
+    target, scale = budget_loss(BASE, NU, keep=0.8)
+    controller = PhiController(0.5, target, scale)
+    assert controller.update(target + 0.01 * scale) == 0.5  # within the tolerance: held
+    assert controller.update(target + 0.5 * scale) == pytest.approx(0.5 * MAX_FACTOR)  # far above: the largest step up
+    assert controller.update(target - 0.1 * scale) < 0.5 * MAX_FACTOR  # below the budget: φ shrinks
+    high = PhiController(PHI_BOUNDS[1] / 2, target, scale)
+    for _ in range(5):
+        high.update(BASE)  # a budget that cannot be met: φ stops at its bound
+    assert high.phi == PHI_BOUNDS[1]
+    assert PhiController.from_state(high.state()).state() == high.state()
+
+
+def test_largest_alpha_meets_the_budget_by_bisection():
+    loss = lambda a: NU + a * (BASE - NU)  # noqa: E731 - linear from ν (α 0) to the end (α 1)
+    alpha, scored = largest_alpha(loss, 2.75, steps=8)
+    assert alpha == pytest.approx(0.5, abs=2**-8) and loss(alpha) <= 2.75 and len(scored) == 9
+    assert largest_alpha(loss, 3.5)[0] == 1.0  # the end adapter meets it: no interpolation
+    assert largest_alpha(loss, 2.0)[0] == 0.0  # not even ν meets it
