@@ -53,19 +53,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _click_inspect():
+# loggers and warning sources that print on import in a CPU-only environment (torchao's and bitsandbytes' missing
+# kernels, torch's deprecation of Enum constants torchao registers): noise in a command's output
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+NOISY_WARNINGS = r"(torchao|bitsandbytes|kernels)(\.|$)"
+
+
+def quiet_third_party() -> None:
+    """Hide what third-party packages log or warn while they are imported (errors still show)."""
+    import logging
+    import warnings
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=NOISY_WARNINGS)
+
+
+def _click_command(subcommand: str, help_text: str):
+    """`axolotl alora-<subcommand>`: the same as `alora <subcommand>`, for Axolotl's `axolotl.cli_commands` group."""
     import click
 
-    @click.command(name="alora-inspect", context_settings={"ignore_unknown_options": True})
+    @click.command(name=f"alora-{subcommand}", help=f"ALoRA: {help_text} (same as `alora {subcommand}`).",
+                   context_settings={"ignore_unknown_options": True, "help_option_names": []})
     @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-    def inspect_command(argv):
-        """ALoRA: show an importance file (same as `alora inspect`)."""
-        sys.exit(main(["inspect", *argv]))
+    def command(argv):
+        sys.exit(main([subcommand, *argv]))
 
-    return inspect_command
+    return command
 
 
-inspect_command = _click_inspect()
+inspect_command = _click_command("inspect", SUBCOMMANDS["inspect"][1])
+check_command = _click_command("check", SUBCOMMANDS["check"][1])
 
 if __name__ == "__main__":
     sys.exit(main())

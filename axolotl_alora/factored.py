@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .importance import _all_finite, equivalent_gradient_factors, product_change_factors, reference_difference_factors
+from .importance import TrackedFactors, equivalent_gradient_factors, product_change_factors, reference_difference_factors
 
 
 def omega_row_col_sums(P: Tensor, Q: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,49 +151,24 @@ class FactoredOmega:
 
 
 @dataclass
-class FactoredTrackedModule:
+class FactoredTrackedModule(TrackedFactors):
     """`TrackedModule` with ω kept as its exact row and column sums: omega_rows (d_out), omega_cols (d_in), fp32.
 
     Same life cycle and semantics (start, capture, finite, accumulate, advance, reference, state,
-    load_state), so `OmegaTracker`'s step loop drives it unchanged. Δ is available as factors
-    (`delta_factors`) and as its mean square (`mean_delta_sq`), never as a d_out×d_in tensor.
+    load_state: all but accumulate and importance from `TrackedFactors`), so `OmegaTracker`'s step loop drives it
+    unchanged. Δ is available as factors (`delta_factors`) and as its mean square (`mean_delta_sq`), never as a
+    d_out×d_in tensor.
     """
 
-    name: str
-    A: Tensor
-    B: Tensor
-    scaling: float
     omega_rows: Tensor = field(init=False)
     omega_cols: Tensor = field(init=False)
-    A_0: Tensor = field(init=False)
-    B_0: Tensor = field(init=False)
-    A_t: Tensor = field(init=False)
-    B_t: Tensor = field(init=False)
-    grad_A: Tensor = field(init=False)
-    grad_B: Tensor = field(init=False)
-    lr: float = 0.0
 
-    def __post_init__(self):
+    def _allocate_omega(self) -> None:
         self.omega_rows = torch.zeros(self.B.shape[0], dtype=torch.float32, device=self.B.device)
         self.omega_cols = torch.zeros(self.A.shape[1], dtype=torch.float32, device=self.A.device)
-        self.grad_A = torch.zeros(self.A.shape, dtype=torch.float32, device=self.A.device)
-        self.grad_B = torch.zeros(self.B.shape, dtype=torch.float32, device=self.B.device)
-        self.start()
 
-    def start(self) -> None:
-        self.A_0, self.B_0 = self.A.detach().float().clone(), self.B.detach().float().clone()
-        self.A_t, self.B_t = self.A_0.clone(), self.B_0.clone()
-
-    @torch.no_grad()
-    def capture(self, lr: float) -> None:
-        if self.A.grad is None or self.B.grad is None:
-            raise RuntimeError(f"ALoRA: no gradient for {self.name} at the optimizer step; importance needs trainable LoRA factors.")
-        self.grad_A.copy_(self.A.grad)
-        self.grad_B.copy_(self.B.grad)
-        self.lr = lr
-
-    def finite(self) -> Tensor:
-        return _all_finite(self.grad_A, self.grad_B, self.A, self.B)
+    def omega_state(self) -> dict[str, Tensor]:
+        return {"omega_rows": self.omega_rows, "omega_cols": self.omega_cols}
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -204,11 +179,6 @@ class FactoredTrackedModule:
         s2 = self.scaling**2
         self.omega_rows.sub_(rows, alpha=s2)
         self.omega_cols.sub_(cols, alpha=s2)
-
-    @torch.no_grad()
-    def advance(self) -> None:
-        self.A_t.copy_(self.A)
-        self.B_t.copy_(self.B)
 
     def delta_factors(self) -> tuple[Tensor, Tensor]:
         """(U, V) with Δ^ν = s·U·V = s·(B_end·A_end − B_0·A_0)."""
@@ -223,16 +193,3 @@ class FactoredTrackedModule:
         negative = (self.omega_rows < 0).sum() + (self.omega_cols < 0).sum()
         clamped = 0 if negative.is_meta else int(negative)  # the meta device (shape checks) has no values
         return FactoredOmega(*factored_importance(self.omega_rows, self.omega_cols, xi)), clamped
-
-    def reference(self) -> dict[str, Tensor]:
-        return {"lora_A": self.A_t.clone(), "lora_B": self.B_t.clone()}
-
-    def state(self) -> dict[str, Tensor]:
-        return {"omega_rows": self.omega_rows, "omega_cols": self.omega_cols, "start_A": self.A_0, "start_B": self.B_0}
-
-    @torch.no_grad()
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.omega_rows.copy_(tensors["omega_rows"])
-        self.omega_cols.copy_(tensors["omega_cols"])
-        self.A_0.copy_(tensors["start_A"])
-        self.B_0.copy_(tensors["start_B"])

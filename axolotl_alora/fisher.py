@@ -276,14 +276,17 @@ def run(args) -> int:
 
 
 def peak_memory(device) -> dict:
-    """Peak resident memory of this process (MiB), and peak CUDA memory allocated on `device` when it is a GPU."""
+    """Peak resident memory of this process (MiB), and peak CUDA memory allocated on `device` when it is a GPU.
+    Linux's VmHWM where there is one: ru_maxrss would include the high-water mark of a process that forked this one."""
     import resource
 
     import torch
 
-    from .memory import vm_hwm_kib
-
-    kib = vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # both KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     peak = {"cpu_max_rss_mib": kib / 1024}
     if device.type == "cuda":
         peak["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

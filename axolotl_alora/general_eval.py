@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import TrainerCallback
 
+from .args import setting
 from .regularizer import RegularizedModule
 
 LOG = logging.getLogger("axolotl.alora")
-DEFAULT_SAMPLES = 256
 GENERAL_EVAL_FILENAME = "alora_general_eval.json"
 
 
@@ -261,7 +261,7 @@ def general_eval_callback(cfg, trainer, documents: list[str] | None = None, regu
     tokenizer = getattr(trainer, "processing_class", None) or trainer.tokenizer
     documents = documents if documents is not None else read_documents(cfg.alora_general_eval)
     seed = cfg.seed if cfg.seed is not None else 42
-    sequences = sample_sequences(documents, tokenizer, int(cfg.sequence_len), int(cfg.alora_general_eval_samples or DEFAULT_SAMPLES), seed)
+    sequences = sample_sequences(documents, tokenizer, int(cfg.sequence_len), int(setting(cfg, "alora_general_eval_samples")), seed)
     settings = {"source": str(cfg.alora_general_eval), "sequence_len": int(cfg.sequence_len), "seed": seed}
     return GeneralEvalCallback(trainer, sequences, regularizer, output_dir=cfg.output_dir, settings=settings,
                                start_is_reference=bool(cfg.lora_model_dir))

@@ -2,7 +2,7 @@
 
 Pure tensor code: knows LoRA factors, gradients and learning rates, nothing of Axolotl.
 Every θ-space quantity is d_out×d_in, fp32, computed in place under no_grad, and formed only in blocks of rows
-(`row_blocks`), so what a step allocates beyond ω is a few blocks, not a few modules (README "Memory").
+(`row_blocks`), so what a step allocates beyond ω is a few blocks, not a few modules (docs/MEMORY.md).
 
 Two kinds of tracked parameters:
 - a LoRA module (linear or embedding), θ = W0 + s·B·A: g̃ and Δθ as in eqs. 13-14;
@@ -97,37 +97,42 @@ def _all_finite(*tensors: Tensor) -> Tensor:
 
 
 @dataclass
-class TrackedModule:
-    """One LoRA module as the tracker sees it: live factors A (r×d_in), B (d_out×r) and scaling s.
+class TrackedFactors:
+    """What every tracked LoRA module shares, dense or factored: live factors A (r×d_in), B (d_out×r) and scaling s,
+    θ_0 (the stage's start), θ_t (the factors after the last optimizer step) and the step's gradients.
 
-    Keeps θ_0 (the stage's start) and θ_t (the factors after the last optimizer step). Between two
-    optimizer steps only the optimizer changes the parameters, so θ_t is also the next step's start,
+    Between two optimizer steps only the optimizer changes the parameters, so θ_t is also the next step's start,
     and at the end it is the weights ω was recorded along, even if the Trainer later restores a best checkpoint.
+    A subclass holds ω in its own form: it allocates it (`_allocate_omega`), names its buffers (`omega_state`)
+    and adds to it (`accumulate`), and turns it into Ω (`importance`).
+
+    Buffers, all fp32: A_0, B_0 (θ_0), A_t, B_t (θ_t), grad_A, grad_B (the step's gradients, taken by `capture`).
     """
 
     name: str
     A: Tensor
     B: Tensor
     scaling: float
-    omega: Tensor = field(init=False)
-    A_0: Tensor = field(init=False)
-    B_0: Tensor = field(init=False)
-    A_t: Tensor = field(init=False)
-    B_t: Tensor = field(init=False)
-    grad_A: Tensor = field(init=False)
-    grad_B: Tensor = field(init=False)
-    lr: float = 0.0
+    lr: float = 0.0  # the step's learning rate η_t, taken by `capture`
 
     def __post_init__(self):
-        self.omega = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float32, device=self.A.device)
+        self._allocate_omega()
         self.grad_A = torch.zeros(self.A.shape, dtype=torch.float32, device=self.A.device)
         self.grad_B = torch.zeros(self.B.shape, dtype=torch.float32, device=self.B.device)
         self.start()
+
+    def _allocate_omega(self) -> None:
+        raise NotImplementedError
+
+    def omega_state(self) -> dict[str, Tensor]:
+        """ω's buffers by name (checkpoint keys)."""
+        raise NotImplementedError
 
     def start(self) -> None:
         self.A_0, self.B_0 = self.A.detach().float().clone(), self.B.detach().float().clone()
         self.A_t, self.B_t = self.A_0.clone(), self.B_0.clone()
 
+    @torch.no_grad()
     def capture(self, lr: float) -> None:
         if self.A.grad is None or self.B.grad is None:
             raise RuntimeError(f"ALoRA: no gradient for {self.name} at the optimizer step; importance needs trainable LoRA factors.")
@@ -138,16 +143,43 @@ class TrackedModule:
     def finite(self) -> Tensor:
         return _all_finite(self.grad_A, self.grad_B, self.A, self.B)
 
+    @torch.no_grad()
+    def advance(self) -> None:
+        self.A_t.copy_(self.A)
+        self.B_t.copy_(self.B)
+
+    def reference(self) -> dict[str, Tensor]:
+        return {"lora_A": self.A_t.clone(), "lora_B": self.B_t.clone()}
+
+    def state(self) -> dict[str, Tensor]:
+        return {**self.omega_state(), "start_A": self.A_0, "start_B": self.B_0}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        for key, buffer in self.omega_state().items():
+            buffer.copy_(tensors[key])
+        self.A_0.copy_(tensors["start_A"])
+        self.B_0.copy_(tensors["start_B"])
+
+
+@dataclass
+class TrackedModule(TrackedFactors):
+    """One LoRA module with ω dense: d_out×d_in, fp32 (the paper's form)."""
+
+    omega: Tensor = field(init=False)
+
+    def _allocate_omega(self) -> None:
+        self.omega = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float32, device=self.A.device)
+
+    def omega_state(self) -> dict[str, Tensor]:
+        return {"omega": self.omega}
+
     def accumulate(self) -> None:
         """ω ← ω − g̃ ⊙ Δθ (eq. 14), g̃ = s·P·Q and Δθ = s·U·V formed a block of rows at a time; s² goes into the coefficient."""
         P, Q = equivalent_gradient_factors(self.grad_A, self.grad_B, self.A_t, self.B_t, self.lr)
         U, V = product_change_factors(self.A_t, self.B_t, self.A.float(), self.B.float())
         for rows in row_blocks(*self.omega.shape):
             self.omega[rows].addcmul_(P[rows] @ Q, U[rows] @ V, value=-self.scaling**2)
-
-    def advance(self) -> None:
-        self.A_t.copy_(self.A)
-        self.B_t.copy_(self.B)
 
     def delta(self) -> Tensor:
         """Δ^ν = s·(B_end·A_end − B_0·A_0)."""
@@ -161,17 +193,6 @@ class TrackedModule:
         for rows in row_blocks(*omega.shape):
             clamped += importance_from_omega(omega[rows], (U[rows] @ V).mul_(self.scaling), xi)[1]
         return omega, clamped
-
-    def reference(self) -> dict[str, Tensor]:
-        return {"lora_A": self.A_t.clone(), "lora_B": self.B_t.clone()}
-
-    def state(self) -> dict[str, Tensor]:
-        return {"omega": self.omega, "start_A": self.A_0, "start_B": self.B_0}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.omega.copy_(tensors["omega"])
-        self.A_0.copy_(tensors["start_A"])
-        self.B_0.copy_(tensors["start_B"])
 
 
 @dataclass
@@ -237,7 +258,7 @@ class OmegaTracker:
     Δθ = 0 and NaN gradients, and NaN·0 would poison ω for good. Such steps are listed in `skipped`.
     """
 
-    def __init__(self, modules: list[TrackedModule | TrackedParameter]):
+    def __init__(self, modules: list[TrackedFactors | TrackedParameter]):
         self.modules = modules
         self.steps = 0
         self.skipped: list[int] = []

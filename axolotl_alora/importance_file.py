@@ -95,10 +95,6 @@ def omega_stats(omega: Tensor | FactoredOmega) -> tuple[float, float]:
     return math.sqrt(squares), total
 
 
-def frobenius_norm(omega: Tensor) -> float:
-    return omega_stats(omega)[0]
-
-
 def base_metadata(base_model: str, model, target_modules) -> dict:
     """Metadata identifying the base model and the writer, shared by every producer of importance files."""
     from datetime import datetime, timezone
@@ -117,16 +113,18 @@ def base_metadata(base_model: str, model, target_modules) -> dict:
 
 
 def module_metadata(omega: Tensor | FactoredOmega, r: int, alpha: float, scaling: float, use_rslora: bool, layer: str = "linear") -> dict:
-    """One entry of metadata["modules"] for a LoRA module: the LoRA shape the reference adapter belongs to, and n_l = ‖Ω_l‖_F."""
+    """One entry of metadata["modules"] for a LoRA module: the LoRA shape the reference adapter belongs to, n_l = ‖Ω_l‖_F and ΣΩ_l."""
+    norm, total = omega_stats(omega)
     return {
         "kind": "factored" if isinstance(omega, FactoredOmega) else "lora", "layer": layer, "shape": list(omega.shape),
-        "r": int(r), "alpha": float(alpha), "scaling": float(scaling), "use_rslora": bool(use_rslora), "norm": frobenius_norm(omega),
+        "r": int(r), "alpha": float(alpha), "scaling": float(scaling), "use_rslora": bool(use_rslora), "norm": norm, "sum": total,
     }
 
 
 def parameter_metadata(omega: Tensor) -> dict:
     """One entry of metadata["modules"] for a full trainable parameter."""
-    return {"kind": "full", "shape": list(omega.shape), "norm": frobenius_norm(omega)}
+    norm, total = omega_stats(omega)
+    return {"kind": "full", "shape": list(omega.shape), "norm": norm, "sum": total}
 
 
 def write_importance_file(path: str | os.PathLike, data: ImportanceFile, omega_dtype: str = "float32", shard: tuple[int, int] | None = None) -> Path:

@@ -1,5 +1,4 @@
-"""What ALoRA adds to a training process's memory, from a model's config.json alone (README "Memory"),
-and a process's own peak resident memory, to measure it.
+"""What ALoRA adds to a training process's memory, from a model's config.json alone (README "Memory").
 
 The model follows the code byte for byte: per adapted module (d_out×d_in, rank r; "factors" = r·(d_in + d_out))
 and per full trainable parameter (n elements), on the device that trains, on top of plain LoRA:
@@ -27,31 +26,10 @@ from dataclasses import dataclass
 
 from .sharding import owners
 
-BLOCK_ELEMENTS = 1 << 22  # importance.BLOCK_ELEMENTS; kept here so that this module imports no torch (runs.PeakMemory polls with it)
+BLOCK_ELEMENTS = 1 << 22  # importance.BLOCK_ELEMENTS; kept here so that this module imports no torch
 
 OMEGA_BYTES = {"float32": 4, "bfloat16": 2}
 STORAGE = (("float32", "float32", "dense"), ("bfloat16", "bfloat16", "dense"), ("factored", "float32", "factored"))  # label, dtype, form
-
-
-def vm_hwm_kib(pid: int | str = "self") -> int | None:
-    """A process's own peak RSS (Linux VmHWM), None where /proc has none (not Linux, or the process has exited).
-    ru_maxrss would include the high-water mark of the process that forked it (a large driver that runs
-    `alora fisher` as a child, for instance)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def reset_peak() -> bool:
-    """Restart this process's VmHWM from its current RSS (Linux: write 5 to /proc/self/clear_refs); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -170,37 +148,49 @@ def _lora_config(model, cfg: dict):
 
 
 # -- the table `alora check` prints ----------------------------------------------------------------------------
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """Bytes in kB, MB, GB or TB, three significant digits."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"
 
 
-def _count(n: int) -> str:
+def format_count(n: int) -> str:
+    """A count in k, M or B, three significant digits."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return str(n)
 
 
-def memory_report(sizes: list[ModuleSize], world_sizes=(1, 2, 8)) -> str:
-    """Ω per module kind and in total, and what each stage adds per process under each storage option and sharding."""
+def storage_label(cfg) -> str:
+    """The row label of STORAGE that `cfg`'s alora_importance_form and alora_importance_dtype select."""
+    from .args import setting
+
+    return "factored" if setting(cfg, "alora_importance_form") == "factored" else setting(cfg, "alora_importance_dtype")
+
+
+def memory_report(sizes: list[ModuleSize], world_sizes=(1, 2, 8), used: str | None = None, world: int | None = None) -> str:
+    """Ω per module kind and in total, and what each stage adds per process under each storage option and sharding.
+    The rows of storage `used` (a STORAGE label) are marked, only the one of `world` ranks when it is known."""
     lines = [f"{'module kind':<28}{'count':>7}{'Ω elements':>13}{'Ω float32':>12}{'Ω bfloat16':>12}"]
     kinds: dict[str, list[ModuleSize]] = {}
     for m in sizes:
         kinds.setdefault(m.kind_label, []).append(m)
     for kind, members in [*kinds.items(), ("total", sizes)]:
         n = sum(m.numel for m in members)
-        lines.append(f"{kind:<28}{len(members):>7}{_count(n):>13}{_size(4 * n):>12}{_size(2 * n):>12}")
+        lines.append(f"{kind:<28}{len(members):>7}{format_count(n):>13}{format_bytes(4 * n):>12}{format_bytes(2 * n):>12}")
     lines.append("")
     lines.append("added per process on top of plain LoRA: held through training / at its peak")
     lines.append(f"{'Ω storage':<12}{'ranks':>6}   {'general stage (ω, snapshots)':<32}{'domain stage (Ω, reference)':<32}")
     for label, dtype, form in STORAGE:
-        for world in world_sizes:
-            share = rank_share(sizes, world)
+        for ranks in world_sizes:
+            share = rank_share(sizes, ranks)
             g, d = general_stage(share, dtype, form), domain_stage(share, dtype, form)
-            lines.append(f"{label:<12}{world:>6}   {_size(g.persistent) + ' / ' + _size(g.peak):<32}{_size(d.persistent) + ' / ' + _size(d.peak):<32}")
+            mark = "<- this config" if label == used and world in (None, ranks) else ""
+            lines.append(f"{label:<12}{ranks:>6}   {format_bytes(g.persistent) + ' / ' + format_bytes(g.peak):<32}"
+                         f"{format_bytes(d.persistent) + ' / ' + format_bytes(d.peak):<32}{mark}")
     lines.append("(ω is float32 in the general stage whatever alora_importance_dtype; the domain stage holds Ω in it.\n"
                  " factored: alora_importance_form: factored, beyond the paper; see README \"Memory\" for what it changes.)")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
-from .args import IMPORTANCE_FILENAME
+from .args import IMPORTANCE_FILENAME, setting
 from .importance_file import ImportanceFile, base_metadata, check_base_model, check_modules_match, read_importance_file
 from .lora import adapted_modules, base_fingerprint, full_parameters
 from .regularizer import Regularizer, build_regularizer
@@ -45,13 +45,16 @@ class AloraPlugin(BasePlugin):
         if not cfg.alora_importance_path:
             return
         # every check that needs only the file runs here, before the model is loaded
+        from .hub import resolve_importance_path
         from .importance_file import read_metadata
+
+        cfg.alora_importance_path = resolve_importance_path(cfg.alora_importance_path)  # hf://… → the cached file
 
         meta = read_metadata(cfg.alora_importance_path)
         self.shard = self._shard(cfg, {n: math.prod(e["shape"]) for n, e in meta["modules"].items()})
         keep = self.shard.owned if self.shard.sharded else None
-        self.previous = read_importance_file(cfg.alora_importance_path, keep=keep, omega_dtype=cfg.alora_importance_dtype or "float32",
-                                             omega_form=cfg.alora_importance_form or "dense")
+        self.previous = read_importance_file(cfg.alora_importance_path, keep=keep, omega_dtype=setting(cfg, "alora_importance_dtype"),
+                                             omega_form=setting(cfg, "alora_importance_form"))
         meta = self.previous.metadata
         LOG.info(
             "ALoRA: read importance for %d modules from %s (format version %d, source %s, %s steps, base %s)",
@@ -62,7 +65,7 @@ class AloraPlugin(BasePlugin):
     @staticmethod
     def _shard(cfg, sizes: dict[str, int]) -> Shard:
         rank, world_size = data_parallel()
-        if world_size > 1 and cfg.alora_shard_importance is not False:
+        if world_size > 1 and setting(cfg, "alora_shard_importance"):
             shard = Shard.of(sizes, rank, world_size)
             if rank == 0:
                 LOG.info("ALoRA: importance sharded across %d ranks: rank 0 holds %d of %d modules", world_size, len(shard.owned), len(sizes))
@@ -87,29 +90,30 @@ class AloraPlugin(BasePlugin):
             check_modules_match(self.previous, modules + parameters, path)
             check_base_model(self.previous, fingerprint, cfg)
             self.regularizer = build_regularizer(
-                self.previous, modules, parameters, cfg.alora_layer_weighting, cfg.alora_softmax_temperature, cfg.alora_importance_normalization,
+                self.previous, modules, parameters, setting(cfg, "alora_layer_weighting"), setting(cfg, "alora_softmax_temperature"),
+                setting(cfg, "alora_importance_normalization"),
                 world_size=self.shard.world_size,
             )
             held = [m.omega for m in self.regularizer.modules]
             stored = [o.stored() if hasattr(o, "stored") else o.numel() for o in held]
             LOG.info("ALoRA: rank %d holds Ω of %d modules, %d elements (%.1f MB, %s)", data_parallel()[0], len(held), sum(stored),
-                     1e-6 * sum(n * o.element_size() for n, o in zip(stored, held)), cfg.alora_importance_dtype or "float32")
-            LOG.info("ALoRA: phi %g", float(cfg.alora_phi))
+                     1e-6 * sum(n * o.element_size() for n, o in zip(stored, held)), setting(cfg, "alora_importance_dtype"))
+            LOG.info("ALoRA: phi %g", float(setting(cfg, "alora_phi")))
         if cfg.alora_record_importance:
             from .callbacks import ImportanceRecorder
 
             self.recorder = ImportanceRecorder(
                 modules,
                 output_path=Path(cfg.output_dir) / IMPORTANCE_FILENAME,
-                xi=float(cfg.alora_xi),
-                omega_dtype=cfg.alora_importance_dtype or "float32",
+                xi=float(setting(cfg, "alora_xi")),
+                omega_dtype=setting(cfg, "alora_importance_dtype"),
                 metadata=base_metadata(cfg.base_model, model, cfg.lora_target_modules),
                 fingerprint=fingerprint,
                 previous=self.previous,
                 resume_from_checkpoint=cfg.resume_from_checkpoint,
                 parameters=parameters,
                 shard=self.shard,
-                form=cfg.alora_importance_form or "dense",
+                form=setting(cfg, "alora_importance_form"),
             )
         else:
             self.previous = None  # the regularizer holds what it needs
@@ -137,7 +141,7 @@ class AloraPlugin(BasePlugin):
                 "get_trainer_cls or an RL trainer?). ALoRA's domain stage supports supervised LoRA training only."
             )
         trainer.alora_regularizer = self.regularizer
-        trainer.alora_phi = float(cfg.alora_phi)
+        trainer.alora_phi = float(setting(cfg, "alora_phi"))
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         callbacks = [self.recorder] if self.recorder is not None else []

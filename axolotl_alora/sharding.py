@@ -1,4 +1,4 @@
-"""Ω sharded across data-parallel ranks (`alora_shard_importance`, README "Memory").
+"""Ω sharded across data-parallel ranks (`alora_shard_importance`, docs/MEMORY.md).
 
 Each rank holds, tracks and regularizes only the modules it owns; ownership is balanced by element count.
 The general stage needs no communication for ω (the gradients it reads are already all-reduced); the

@@ -17,17 +17,29 @@ def _validate(tmp_path, **overrides):
 
 
 def test_no_alora_key_leaves_the_plugin_inert(tmp_path):
+    """Inert means invisible: every alora_ key of a validated config without them is None, so no dump lists them."""
+    from axolotl_alora.args import AloraArgs
     from axolotl_alora.plugin import alora_enabled
 
     cfg = _validate(tmp_path)
-    assert not alora_enabled(cfg) and cfg.alora_phi is None and cfg.alora_xi == 0.1
+    assert not alora_enabled(cfg)
+    assert {k: cfg[k] for k in AloraArgs.model_fields} == dict.fromkeys(AloraArgs.model_fields)
+    assert set(AloraArgs.model_validate({"adapter": "lora", "lora_r": 8}).model_dump().values()) == {None}
 
 
-def test_defaults_are_the_papers(tmp_path):
+def test_defaults_are_the_papers_and_applied_where_used(tmp_path):
+    from axolotl_alora.args import DEFAULTS, AloraArgs, setting
+
     cfg = _validate(tmp_path, alora_importance_path=str(tmp_path / "f.safetensors"))
-    assert cfg.alora_phi == 1e-3 and cfg.alora_xi == 0.1 and cfg.alora_layer_weighting == "softmax"
-    assert cfg.alora_softmax_temperature == 1.0 and cfg.alora_importance_normalization == "none"
-    assert cfg.alora_importance_dtype == "float32"
+    assert cfg.alora_phi is None and cfg.alora_xi is None
+    assert setting(cfg, "alora_phi") == 1e-3 and setting(cfg, "alora_xi") == 0.1 and setting(cfg, "alora_layer_weighting") == "softmax"
+    assert setting(cfg, "alora_softmax_temperature") == 1.0 and setting(cfg, "alora_importance_normalization") == "none"
+    assert setting(cfg, "alora_importance_dtype") == "float32" and setting(cfg, "alora_importance_form") == "dense"
+    assert setting(cfg, "alora_shard_importance") is True and setting(cfg, "alora_general_eval_samples") == 256
+    assert setting({"alora_xi": 0.5}, "alora_xi") == 0.5
+    assert set(DEFAULTS) == set(AloraArgs.model_fields)  # every key has its default stated once
+    described = {k: f["description"] for k, f in AloraArgs.model_json_schema()["properties"].items()}
+    assert "Default: 0.1." in described["alora_xi"] and "Default: softmax." in described["alora_layer_weighting"]
 
 
 @pytest.mark.parametrize(
@@ -47,6 +59,8 @@ def test_defaults_are_the_papers(tmp_path):
         ({"alora_general_eval_samples": 8}, "nothing to do"),
         ({"alora_general_eval": "g.jsonl", "alora_general_eval_samples": 0}, "alora_general_eval_samples"),
         ({"alora_general_eval": {"ds_type": "json"}}, "alora_general_eval: a dataset entry needs `path`"),
+        ({"alora_record_importance": True, "alora_phii": 3}, "unknown key alora_phii; did you mean alora_phi\\?"),
+        ({"alora_bogus_thing": 1}, "unknown key alora_bogus_thing; it is not an ALoRA key"),
     ],
 )
 def test_bad_settings_fail_at_validation_naming_the_key(tmp_path, overrides, message):
@@ -60,7 +74,7 @@ def test_output_may_not_overwrite_the_importance_file_it_reads(tmp_path):
         _validate(tmp_path, alora_record_importance=True, alora_importance_path=str(target))
     # a different output_dir is the continual use case and is fine
     cfg = _validate(tmp_path, alora_record_importance=True, alora_importance_path=str(tmp_path / "other" / "alora_importance.safetensors"))
-    assert cfg.alora_record_importance and cfg.alora_phi == 1e-3
+    assert cfg.alora_record_importance and cfg.alora_importance_path
 
 
 def test_qlora_is_accepted(tmp_path):
@@ -72,6 +86,35 @@ def test_general_eval_alone_enables_the_plugin(tmp_path):
     from axolotl_alora.plugin import alora_enabled
 
     cfg = _validate(tmp_path, alora_general_eval="g.jsonl")
-    assert alora_enabled(cfg) and cfg.alora_general_eval_samples == 256 and cfg.alora_phi is None
+    assert alora_enabled(cfg) and cfg.alora_general_eval_samples is None and cfg.alora_phi is None
     entry = {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}
     assert _validate(tmp_path, alora_general_eval=entry, alora_general_eval_samples=16).alora_general_eval == entry
+
+
+def test_every_problem_in_one_error(tmp_path):
+    with pytest.raises(ValueError) as error:
+        _validate(tmp_path, alora_importance_path="x.safetensors", alora_phi=-1.0, deepspeed="zero3.json", alora_phii=3,
+                  alora_layer_weighting="bogus")
+    message = str(error.value)
+    assert "4 problems with the ALoRA settings" in message
+    for part in ("alora_phi must be >= 0", "FSDP and DeepSpeed", "unknown key alora_phii; did you mean alora_phi?", "alora_layer_weighting: Input should be"):
+        assert part in message
+
+
+@pytest.mark.parametrize("overrides", [
+    {"alora_record_importance": False},
+    {"alora_record_importance": False, "adapter": None},  # inert: no adapter needed either
+    {"alora_xi": 0.1, "alora_shard_importance": True, "alora_importance_dtype": "float32", "alora_general_eval_samples": 256},
+    {"alora_allow_base_model_mismatch": False, "alora_layer_weighting": "softmax", "alora_softmax_temperature": 1},
+])
+def test_keys_at_their_defaults_are_inert_not_errors(tmp_path, overrides):
+    from axolotl_alora.args import keys_in_use
+    from axolotl_alora.plugin import alora_enabled
+
+    cfg = _validate(tmp_path, **overrides)
+    assert not alora_enabled(cfg) and keys_in_use(cfg) == {}
+
+
+def test_phi_at_its_default_without_a_file_is_still_an_error(tmp_path):
+    with pytest.raises(ValueError, match="alora_importance_path is not"):
+        _validate(tmp_path, alora_phi=1e-3)

@@ -6,7 +6,7 @@
 - 0.20 re-draws fresh LoRA A factors from the seed after `post_lora_load`: the importance recorder must
   snapshot, and track, the weights training really starts from.
 
-Runs go through tests/probe_train.py (`axolotl.cli.train`, printing the trainer's class, and able to hide
+Runs go through tests/helpers/probe_train.py (`axolotl.cli.train`, printing the trainer's class, and able to hide
 this package's entry point as if it were not installed).
 """
 

@@ -275,7 +275,7 @@ def test_alora_eval_defaults_fit_the_machines_the_readme_targets(smollm2_dir, tm
     import sys
     import time
 
-    from axolotl_alora.memory import vm_hwm_kib
+    from alora_bench.peak_memory import vm_hwm_kib
 
     assert runner.default_max_length(smollm2_dir) == runner.DEFAULT_MAX_LENGTH == 1024
     out = tmp_path / "eval"

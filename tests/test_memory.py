@@ -12,7 +12,7 @@ import pytest
 from axolotl_alora.memory import ModuleSize, config_module_sizes, domain_stage, general_stage, memory_report, rank_share
 from axolotl_alora.sharding import owners, rank_loads
 
-CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "model-configs"
 
 
 def _llama_elements(name: str, targets: tuple[str, ...]) -> int:
@@ -100,6 +100,21 @@ def test_owners_balance_by_elements_and_are_deterministic():
     assert rank_loads(sizes, 2) == [280, 270]
 
 
+def test_report_marks_the_configs_storage():
+    from axolotl_alora.memory import storage_label
+
+    assert storage_label({}) == "float32" and storage_label({"alora_importance_dtype": "bfloat16"}) == "bfloat16"
+    assert storage_label({"alora_importance_dtype": "bfloat16", "alora_importance_form": "factored"}) == "factored"
+    sizes = [ModuleSize("l0.q_proj", "lora", (8, 4), r=2), ModuleSize("l1.q_proj", "lora", (8, 4), r=2)]
+
+    def marked(report):
+        return [line.split()[:2] for line in report.splitlines() if line.endswith("<- this config")]
+
+    assert marked(memory_report(sizes, [1, 2])) == []
+    assert marked(memory_report(sizes, [1, 2], used="bfloat16")) == [["bfloat16", "1"], ["bfloat16", "2"]]
+    assert marked(memory_report(sizes, [1, 2], used="factored", world=2)) == [["factored", "2"]]
+
+
 def test_rank_share_is_the_heaviest_rank():
     sizes = [ModuleSize(f"l{i}.q_proj", "lora", (n, 1), r=1) for i, n in enumerate([5, 4, 3, 3, 1])]
     share = rank_share(sizes, 2)
@@ -118,7 +133,7 @@ def test_alora_check_prints_the_memory_table(tmp_path):
     total = next(line for line in text.splitlines() if line.startswith("total"))
     assert "6.98 B" in total and "27.9 GB" in total and "14 GB" in total
     sizes = config_module_sizes({"lora_r": 16, "lora_target_linear": True}, CONFIGS / "llama-3.1-8b")
-    assert memory_report(sizes, [1, 4]) in text
+    assert memory_report(sizes, [1, 4], used="float32") in text
     rows = [line.split() for line in text.splitlines() if line.startswith(("float32 ", "bfloat16 ", "factored "))]
     assert [(r[0], r[1]) for r in rows] == [(o, k) for o in ("float32", "bfloat16", "factored") for k in ("1", "4")]
     factored = next(line for line in text.splitlines() if line.startswith("factored") and line.split()[1] == "1")

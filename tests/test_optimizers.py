@@ -1,7 +1,7 @@
 """Every optimizer Axolotl 0.19 accepts that runs on CPU, through the real trainer (`axolotl train`).
 
 One run per optimizer continues a general adapter with both the penalty and importance recording on
-(continual use), with gradient accumulation 2. A scaffold plugin (tests/scaffold_plugins.py:AuditPlugin)
+(continual use), with gradient accumulation 2. A scaffold plugin (tests/helpers/scaffold_plugins.py:AuditPlugin)
 checks, at every micro-batch, that the penalty and its gradients equal L_reg recomputed from the live A and
 B on dense θ by plain autograd, and recomputes ω of eqs. 13-14 from the same hooks on dense float64 θ.
 Fused and bitsandbytes optimizers update in place without bumping `_version`: a cache keyed on it froze

@@ -1,9 +1,9 @@
 """The README's memory table: what ALoRA adds per process for models given by their config.json (no weights).
 
     python -m alora_bench.memory_table \
-        "Llama-3.2-3B q/v=tests/fixtures/model_configs/llama-3.2-3b:q_proj,v_proj" \
-        "Llama-3.1-8B all-linear=tests/fixtures/model_configs/llama-3.1-8b:linear" \
-        "Llama-3-70B all-linear=tests/fixtures/model_configs/llama-3-70b:linear" --rank 16 --ranks 1 8
+        "Llama-3.2-3B q/v=examples/model-configs/llama-3.2-3b:q_proj,v_proj" \
+        "Llama-3.1-8B all-linear=examples/model-configs/llama-3.1-8b:linear" \
+        "Llama-3-70B all-linear=examples/model-configs/llama-3-70b:linear" --rank 16 --ranks 1 8
 
 Each argument is LABEL=CONFIG:TARGETS, TARGETS a comma list of module names or `linear` (lora_target_linear).
 The figures are the plugin's memory model (axolotl_alora.memory, the one `alora check` prints), which
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from axolotl_alora.memory import STORAGE, _count, _size, config_module_sizes, domain_stage, general_stage, rank_share
+from axolotl_alora.memory import STORAGE, config_module_sizes, domain_stage, format_bytes, format_count, general_stage, rank_share
 
 
 def peaks(spec: str, rank: int, ranks: list[int]) -> tuple[int, dict]:
@@ -31,8 +31,8 @@ def peaks(spec: str, rank: int, ranks: list[int]) -> tuple[int, dict]:
 
 
 def row(label: str, n: int, figures: dict) -> str:
-    cells = [f"{_size(g)} / {_size(d)}" for g, d in figures.values()]
-    return f"| {label} | {_count(n)} | {_size(4 * n)} | " + " | ".join(cells) + " |"
+    cells = [f"{format_bytes(g)} / {format_bytes(d)}" for g, d in figures.values()]
+    return f"| {label} | {format_count(n)} | {format_bytes(4 * n)} | " + " | ".join(cells) + " |"
 
 
 def plot(models: dict[str, dict], path: str) -> None:

@@ -41,7 +41,7 @@ def _number(v) -> bool:
 
 
 def config(work: Path, dtype: str, steps: int) -> dict:
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "smollm2-cpu" / "domain-alora.yml").read_text())
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "smollm2-cpu" / "domain-alora.yml").read_text())
     for key in ("alora_general_eval", "alora_general_eval_samples"):
         cfg.pop(key, None)
     return {**cfg, "output_dir": f"./runs/omega-{dtype}", "alora_importance_dtype": dtype, "max_steps": steps, "logging_steps": 1,

@@ -66,7 +66,7 @@ class PeakMemory:
         self._thread.start()
 
     def _poll(self, pid: int, interval: float) -> None:
-        from axolotl_alora.memory import vm_hwm_kib
+        from .peak_memory import vm_hwm_kib
 
         while not self._done.is_set():
             kib = vm_hwm_kib(pid)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -59,7 +59,7 @@ def train(cfg: dict, cfg_path: Path, launcher: list[str] | None = None, check: b
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "helpers"), str(REPO / "tests"), str(REPO)]),
         "AXOLOTL_DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

@@ -202,7 +202,7 @@ class _PeakMemory(TrainerCallback):
         import atexit
         import gc
 
-        from axolotl_alora.memory import reset_peak, vm_hwm_kib
+        from alora_bench.peak_memory import reset_peak, vm_hwm_kib
 
         gc.collect()
         reset_peak()

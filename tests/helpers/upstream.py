@@ -16,12 +16,12 @@ import yaml
 
 from tiny import CORPUS
 
-FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "upstream"
 REMOVE = object()  # marker: the key is deleted
 
 # Why each key may change. A key not listed here must stay as upstream has it.
 REASONS = {
-    "base_model": "hub model → the tiny random Llama of tests/tiny.py (no network, CPU time)",
+    "base_model": "hub model → the tiny random Llama of tests/helpers/tiny.py (no network, CPU time)",
     "datasets": "hub dataset → local JSONL written by the test, same `type` and record format (no network)",
     "dataset_prepared_path": "a tmp dir (default ./last_run_prepared would write into the CWD; runs go in parallel)",
     "output_dir": "a tmp dir",
