@@ -65,6 +65,13 @@ class PhiController:
         return cls(state["phi"], state["target"], state["scale"], list(state.get("history", [])))
 
 
+def kept_share_text(base: float, reference: float | None, now: float) -> str:
+    """`base → ν → now` and, where ν lowered the loss, the share of that gain kept; else the rise over the base."""
+    if reference is not None and base - reference > 0:
+        return f"general-text loss base {base:.4f} → ν {reference:.4f} → now {now:.4f}, {100 * (base - now) / (base - reference):.0f}% of ν's gain kept"
+    return f"general-text loss base {base:.4f} → now {now:.4f} ({now - base:+.4f} over the base)"
+
+
 def largest_alpha(loss_at: Callable[[float], float], target: float, steps: int = 6) -> tuple[float, dict[float, float]]:
     """The largest α in [0, 1] with loss_at(α) ≤ target, for a loss that rises with α (α = 0: the reference,
     α = 1: the end adapter), to within 2^-steps; and every α scored. α = 1 when the end meets the budget; α = 0

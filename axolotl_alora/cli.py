@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "inspect": ("axolotl_alora.inspect", "show an importance file: metadata, per-module norms, layer weights, heatmap"),
     "check": ("axolotl_alora.check", "check an Axolotl YAML's ALoRA settings (and that the plugin is listed) without training"),
     "fisher": ("axolotl_alora.fisher", "EWC baseline: write an importance file from the diagonal empirical Fisher of the base model"),
+    "interpolate": ("axolotl_alora.interpolate", "WiSE-FT: interpolate two adapters as one PEFT adapter, at α or the largest α meeting a forgetting budget"),
 }
 COMMANDS_GROUP = "alora.commands"
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from axolotl_alora.interpolate import interpolate_adapters
 
-from tiny import build_tiny_llama
+from tiny import build_tiny_llama, write_text_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def base(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("interpolate") / "model")
 
 
-def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int) -> Path:
+def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int, std: float = 0.1) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -27,7 +27,7 @@ def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: in
                            LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rslora))
     for name, p in model.named_parameters():  # peft starts B at 0; a trained adapter has B ≠ 0
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+            torch.nn.init.normal_(p, std=std)
     model.save_pretrained(str(out))
     return out
 
@@ -66,3 +66,38 @@ def test_no_reference_is_a_zero_delta(tmp_path, base):
     got, b = _deltas(tmp_path / "wise"), _deltas(end)
     for name in got:
         torch.testing.assert_close(got[name], 0.25 * b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_alora_interpolate_finds_the_largest_alpha_within_a_rise_budget(tmp_path, base):
+    """`alora interpolate base END OUT --max-rise R`: ΔW_ref = 0, the largest α whose control-sample loss rise is ≤ R
+    (to the bisection's 2^-6), written as ΔW = α·ΔW_end; the report sample is another sample."""
+    from axolotl_alora.cli import main
+
+    text = write_text_jsonl(tmp_path / "general.jsonl", 60, seed=4, tokenizer_dir=base, tokens=24)
+    end = _adapter(base, tmp_path / "end", 4, 8, False, seed=5, std=1.0)  # a large random ΔW: the loss rises with α
+    args = ["--general-eval", str(text), "--samples", "6", "--sequence-len", "16", "--seed", "1"]
+    assert main(["interpolate", "base", str(end), str(tmp_path / "probe"), "--max-rise", "100", *args]) == 0  # loose: the end itself
+    probe = json.loads((tmp_path / "probe" / "alora_interpolation.json").read_text())
+    rise = probe["control"]["scored"]["1.0"] - probe["control"]["base"]
+    assert probe["alpha"] == 1.0 and rise > 0
+    assert main(["interpolate", "base", str(end), str(tmp_path / "wise"), "--max-rise", str(rise / 3), *args]) == 0
+    summary = json.loads((tmp_path / "wise" / "alora_interpolation.json").read_text())
+    alpha, scored = summary["alpha"], {float(k): v for k, v in summary["control"]["scored"].items()}
+    assert 0 < alpha < 1 and scored[alpha] <= summary["target_loss"] == pytest.approx(summary["control"]["base"] + rise / 3)
+    assert min(v for a, v in scored.items() if a > alpha) > summary["target_loss"]  # the next α scored above it broke the budget
+    assert min(a for a in scored if a > alpha) - alpha <= 2**-6
+    for name, d in _deltas(tmp_path / "wise").items():
+        torch.testing.assert_close(d, alpha * _deltas(end)[name], rtol=1e-5, atol=1e-7)
+    assert summary["report"]["chosen"] != scored[alpha]  # reported on the other sample
+
+
+def test_alora_interpolate_refuses_bad_input(tmp_path, base, capsys):
+    from axolotl_alora.cli import main
+
+    end = _adapter(base, tmp_path / "end", 4, 8, False, seed=5)
+    assert main(["interpolate", "base", str(end), str(tmp_path / "o"), "--keep", "0.8", "--general-eval", "x.jsonl"]) == 2
+    assert "--keep is a share of REF's gain" in capsys.readouterr().err
+    assert main(["interpolate", "base", str(end), str(tmp_path / "o"), "--max-rise", "0.1"]) == 2
+    assert "need --general-eval" in capsys.readouterr().err
+    assert main(["interpolate", str(tmp_path), str(end), str(tmp_path / "o"), "--alpha", "0.5"]) == 2
+    assert "not a PEFT adapter folder" in capsys.readouterr().err
