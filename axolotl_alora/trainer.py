@@ -63,7 +63,9 @@ class AloraTrainer(AxolotlTrainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        if self.alora_regularizer is not None and getattr(self, "_alora_max_ratio", None) is not None:
+        if self.alora_regularizer is not None and self.alora_phi == 0:
+            LOG.warning("ALoRA: alora_phi is 0, so the regularizer was off and this was plain LoRA training; raise alora_phi to regularize.")
+        elif self.alora_regularizer is not None and getattr(self, "_alora_max_ratio", None) is not None:
             max_ratio = float(self._alora_max_ratio)
             if max_ratio < NO_EFFECT_RATIO:
                 LOG.warning(
