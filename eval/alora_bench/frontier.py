@@ -123,8 +123,9 @@ def general_loss(base: Path, adapter: Path | None, sequences) -> float:
 
 def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     """General stage, then one LoRA(ν+μ) run of --pilot-steps at --learning-rate saving every --pilot-every steps;
-    each checkpoint is scored on SciQ valid and the general sample. The domain stage is the first checkpoint
-    whose general-loss gain kept is ≤ MAX_KEPT and whose accuracy is ≥ ν's + MIN_GAIN."""
+    the checkpoints are scored in order on SciQ valid and the general sample. The domain stage is the first
+    checkpoint whose general-loss gain kept is ≤ MAX_KEPT and whose accuracy is ≥ ν's + MIN_GAIN (later ones are
+    not scored); if none does, the last."""
     plan_path = paths.results / "plan.json"
     if plan_path.is_file():
         return json.loads(plan_path.read_text())
@@ -157,10 +158,12 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
         cfg.update(save_strategy="steps", save_steps=args.pilot_every, save_total_limit=None, save_only_model=True)
         reproduce.record_cost(paths, f"s{seed}/pilot-lora", reproduce.train(cfg, f"s{seed}/pilot-lora", paths, scale))
     table = []
-    for s in steps:
+    for s in steps:  # in order, up to the first checkpoint that meets both criteria
         p = score(f"lora-step{s}", run_dir / f"checkpoint-{s}")
         kept = (base["general_loss"] - p["general_loss"]) / (base["general_loss"] - nu["general_loss"])
         table.append({"step": s, **p, "kept": kept, "gain": p["acc"] - nu["acc"]})
+        if kept <= MAX_KEPT and p["acc"] - nu["acc"] >= MIN_GAIN:
+            break
     ok = [row for row in table if row["kept"] <= MAX_KEPT and row["gain"] >= MIN_GAIN]
     chosen = ok[0]["step"] if ok else steps[-1]
     domain_steps = 4 * round(chosen / 4)  # the lora run saves at 25/50/75/100% of its steps
