@@ -292,9 +292,10 @@ def test_fp16_overflow_step_adds_nothing_and_the_stage_still_writes_its_file(run
     clean, overflow = runs.get("G_fp16"), runs.get("G_fp16_overflow")
     assert read_importance_file(clean.out / FILE).metadata["skipped_steps"] == []
     data = read_importance_file(overflow.out / FILE)  # read_importance_file refuses NaN/Inf: the file is finite
-    assert data.metadata["skipped_steps"] == [1] and data.metadata["steps"] == 4
+    # the overflow is at global_step 1 before the step (the second step), which the Trainer logs as step 2
+    assert data.metadata["skipped_steps"] == [2] and data.metadata["steps"] == 4
     assert all(float(o.sum()) > 0 for o in data.omega.values())
-    assert "1 optimizer step(s) had non-finite gradients or weights" in overflow.log and "steps 1" in overflow.log
+    assert "1 optimizer step(s) had non-finite gradients or weights" in overflow.log and "steps 2" in overflow.log
 
 
 # -- the general-text loss (alora_general_eval) -------------------------------------------------------------
