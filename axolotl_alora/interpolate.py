@@ -62,7 +62,7 @@ def load_pair(base: str | Path, ref: str | Path | None, end: str | Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(end), adapter_name="end")
     if ref is not None:
         model.load_adapter(str(ref), adapter_name="ref")

@@ -77,7 +77,7 @@ class Method:
 
 
 METHODS = {
-    "lora": Method("LoRA(ν+μ), steps", "share of steps", (0.25, 0.5, 0.75, 1.0), "domain-lora"),
+    "lora": Method("LoRA(ν+μ), steps", "share of steps", (1.0, 0.5, 0.25, 0.75), "domain-lora"),  # the end first: it fixes the levels
     "lora_lr": Method("LoRA(ν+μ), learning rate", "lr fraction", (1 / 3, 1 / 10), "domain-lora"),
     "alora": Method("ALoRA", "φ", (0.03, 0.3, 3.0, 30.0), "domain-alora"),
     "alora_nolayer": Method("ALoRA − layer", "φ", (), "domain-alora-nolayer"),
@@ -112,7 +112,7 @@ def general_loss(base: Path, adapter: Path | None, sequences) -> float:
 
     from axolotl_alora.general_eval import mean_token_loss
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     return mean_token_loss(model, sequences, batch_size=8)
@@ -395,8 +395,12 @@ class Frontier:
     def first_seed_points(self, task: str = "sciq") -> list[Point]:
         seed = self.args.seeds[0]
         points = [Point("base", None, seed, task), Point("general", None, seed, task)]
-        points += [Point(m, v, seed, task) for m in ("lora", "alora", "l2sp", "replay", "wise_lora", "lora_lr", "ewclora") for v in METHODS[m].values]
+        methods = [m for m in ("lora", "alora", "l2sp", "replay", "wise_lora", "lora_lr", "ewclora") if m in self.args.methods]
+        points += [Point(m, v, seed, task) for m in methods for v in self.sweep(m)]
         return points
+
+    def sweep(self, method: str) -> tuple[float, ...]:
+        return METHODS[method].values[: self.args.first_values or None]
 
     def chosen_phi(self) -> float | None:
         """ALoRA's φ for − layer, WiSE-FT of ALoRA and + replay: among its first-seed points reaching the middle level,
@@ -404,7 +408,7 @@ class Frontier:
         if "alora_phi" in self.plan:
             return self.plan["alora_phi"]
         levels = self.levels()
-        points = [self.result(Point("alora", phi)) for phi in METHODS["alora"].values]
+        points = [self.result(Point("alora", phi)) for phi in self.sweep("alora")]
         if levels is None or any(p is None for p in points):
             return None
         reaching = [p for p in points if p["acc"] >= levels[1]]
@@ -419,8 +423,9 @@ class Frontier:
         if phi is None:
             return []
         seed = self.args.seeds[0]
-        return ([Point("alora_nolayer", phi, seed), Point("alora_replay", phi, seed)]
-                + [Point("wise_alora", a, seed) for a in METHODS["wise_alora"].values])
+        points = [Point("alora_nolayer", phi, seed), Point("alora_replay", phi, seed)]
+        points += [Point("wise_alora", a, seed) for a in self.sweep("wise_alora")]
+        return [p for p in points if p.method in self.args.methods]
 
     def middle_points(self) -> list[Point]:
         """Each method's first-seed point nearest the middle accuracy level (for seeds and MedMCQA)."""
@@ -428,7 +433,7 @@ class Frontier:
         if levels is None:
             return []
         out = []
-        for method in METHODS:
+        for method in (m for m in METHODS if m in self.args.methods):
             found = [r for r in (self.result(p) for p in self.points_of(method)) if r is not None]
             if found:
                 best = min(found, key=lambda r: abs(r["acc"] - levels[1]))
@@ -455,8 +460,8 @@ def run(args, paths: Paths, scale: Scale, manager) -> None:
         raise SystemExit(f"no plan yet: run `python -m alora_bench.frontier pilot` first (writes {plan_path})")
     frontier = Frontier(args, paths, scale, manager, json.loads(plan_path.read_text()))
     started = time.time()
-    stages = (frontier.first_seed_points, frontier.chosen_points, frontier.later_points)
-    for stage in stages:
+    stages = {"first": frontier.first_seed_points, "chosen": frontier.chosen_points, "later": frontier.later_points}
+    for stage in (stages[name] for name in args.stages):
         for point in stage():
             if frontier.result(point) is not None:
                 continue
@@ -480,6 +485,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs=1, default=[0], help="the first seed (every sweep)")
     p.add_argument("--more-seeds", type=int, nargs="*", default=[1, 2], help="seeds for each method's middle point")
     p.add_argument("--max-minutes", type=float, default=0, help="start no new point after this many minutes (0: no limit)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="run only these methods' points")
+    p.add_argument("--first-values", type=int, default=0, help="only the first N values of each sweep (0: all; for a quick try)")
+    p.add_argument("--stages", nargs="+", choices=("first", "chosen", "later"), default=["first", "chosen", "later"],
+                   help="first: every sweep at the first seed; chosen: the points at ALoRA's chosen φ; later: seeds and MedMCQA")
     p.add_argument("--general-steps", type=int, default=200)
     p.add_argument("--learning-rate", type=float, default=8e-4)
     p.add_argument("--pilot-steps", type=int, default=240, help="the pilot's one LoRA(ν+μ) run")

@@ -185,19 +185,22 @@ def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
 def write_report(results: Path) -> Path:
     points = load(results)
     plan = json.loads((results / "plan.json").read_text()) if (results / "plan.json").is_file() else {}
+    scale = json.loads((results / "scale.json").read_text()) if (results / "scale.json").is_file() else {}
     base, nu = find(points, "base"), find(points, "general")
     lv = levels(points, plan)
+    batch, seq, items, docs = (scale.get(k, "?") for k in ("micro_batch_size", "sequence_len", "limit", "ppl_limit"))
     lines = [
         "# The forgetting frontier: SciQ accuracy against general-text loss",
         "",
         "Command: `python -m alora_bench.frontier run` (resumable; `report` rewrites this file from `points/`). "
         f"The domain stage's length and learning rate come from the pilot ([pilot.md](pilot.md)): {plan.get('domain_steps', '?')} steps at "
-        f"{plan.get('learning_rate', '?')}, after a general stage of {plan.get('general_steps', '?')} steps; micro-batch 4 × 256 tokens, CPU.",
+        f"{plan.get('learning_rate', '?')}, after a general stage of {plan.get('general_steps', '?')} steps; micro-batch {batch} × {seq} tokens, "
+        f"{scale.get('device', '?')}.",
         "",
-        "Every point is one adapter. Accuracy: lm-eval on the first 500 SciQ test items (± one standard error). General loss: "
-        "the mean token cross-entropy of the plugin's general-text scorer on one fixed sample of held-out general text "
-        "(64 × 256 tokens, the same for every point and seed); rise over base is peft's measure of forgetting; "
-        "ν's gain kept is (base − now) / (base − ν). lm-eval's general and WikiText-2 perplexities are on 3 documents each. "
+        f"Every point is one adapter. Accuracy: lm-eval on the first {items} SciQ test items (± one standard error). General loss: "
+        f"the mean token cross-entropy of the plugin's general-text scorer on one fixed sample of held-out general text "
+        f"(64 × {seq} tokens, the same for every point and seed); rise over base is peft's measure of forgetting; "
+        f"ν's gain kept is (base − now) / (base − ν). lm-eval's general and WikiText-2 perplexities are on {docs} documents each. "
         "The in-training loss is the plugin's `alora_general_loss` at the end of the run (its sample is drawn with the run's seed).",
         "",
     ]
