@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -153,9 +154,11 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     run_dir = paths.work / "runs" / f"s{seed}" / "pilot-lora"
     steps = list(range(args.pilot_every, args.pilot_steps + 1, args.pilot_every))
     lr = args.learning_rate
-    if not all((run_dir / f"checkpoint-{s}" / "adapter_model.safetensors").is_file() for s in steps):
+    if not all((run_dir / f"checkpoint-{s}" / "adapter_config.json").is_file() for s in steps):
+        shutil.rmtree(run_dir, ignore_errors=True)
         cfg = domain_config("domain-lora", paths, scale, seed, "sciq", run_dir, args.pilot_steps, lr)
-        cfg.update(save_strategy="steps", save_steps=args.pilot_every, save_total_limit=None, save_only_model=True)
+        # Axolotl keeps 4 checkpoints unless told otherwise
+        cfg.update(save_strategy="steps", save_steps=args.pilot_every, save_total_limit=len(steps) + 1, save_only_model=True)
         reproduce.record_cost(paths, f"s{seed}/pilot-lora", reproduce.train(cfg, f"s{seed}/pilot-lora", paths, scale))
     table = []
     for s in steps:  # in order, up to the first checkpoint that meets both criteria
@@ -264,7 +267,7 @@ class Frontier:
         lr = self.lr * (point.knob if point.method == "lora_lr" else 1.0)
         cfg = domain_config(method.example, self.paths, self.scale, point.seed, point.task, out, self.steps, lr)
         if point.method == "lora":
-            cfg.update(save_strategy="steps", save_steps=self.steps // 4, save_total_limit=None, save_only_model=True)
+            cfg.update(save_strategy="steps", save_steps=self.steps // 4, save_total_limit=5, save_only_model=True)  # Axolotl's default keeps 4
         share = point.knob if point.method == "replay" else REPLAY_WITH_ALORA if point.method == "alora_replay" else None
         if share is not None:
             cfg["datasets"].append({"path": str(self.replay_file(point.task, share, point.seed)), "ds_type": "json", "type": "completion"})
