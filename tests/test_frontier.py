@@ -87,3 +87,32 @@ def test_matched_accuracy_interpolates_along_the_curve_and_wise_includes_its_end
     assert f"{expected:.4f} ({100 * (3.0 - expected) / 0.5:.0f}%)" in text
     assert (results / "frontier.png").stat().st_size > 0
     assert Point("alora", 0.3).name == "s0/sciq/alora-0.3"
+
+
+def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_path, base):
+    """Levels come from ν and LoRA(ν+μ)'s end; ALoRA's φ is the lowest general loss at or above the middle level, fixed
+    in plan.json; the middle points (nearest the middle level) are rerun at later seeds and on MedMCQA."""
+    frontier = _frontier(tmp_path, base)
+    frontier.args.methods, frontier.args.first_values, frontier.args.more_seeds = ["lora", "alora", "alora_nolayer", "wise_alora"], 0, [1]
+    first = frontier.first_seed_points()
+    assert first[:3] == [Point("base"), Point("general"), Point("lora", 1.0)]  # the end first: it fixes the levels
+    assert [p.knob for p in first if p.method == "alora"] == [0.03, 0.3, 3.0, 30.0]
+    assert frontier.chosen_points() == []  # nothing measured yet
+
+    def put(point, acc, loss):
+        from alora_bench.reproduce import write_json
+
+        write_json(frontier.result_path(point), {**_point(point.method, point.knob, acc, loss, point.seed), "task": point.task})
+
+    put(Point("general"), 0.60, 2.5)
+    put(Point("lora", 1.0), 0.80, 3.0)
+    for phi, acc, loss in ((0.03, 0.79, 2.9), (0.3, 0.75, 2.7), (3.0, 0.68, 2.6), (30.0, 0.62, 2.52)):
+        put(Point("alora", phi), acc, loss)
+    assert frontier.levels() == pytest.approx([0.65, 0.70, 0.75])
+    chosen = frontier.chosen_points()  # φ 0.3: the lowest loss with acc ≥ 0.70
+    assert chosen == [Point("alora_nolayer", 0.3)] + [Point("wise_alora", a) for a in (0.25, 0.5, 0.75)]
+    assert json.loads((frontier.paths.results / "plan.json").read_text())["alora_phi"] == 0.3
+    middle = frontier.middle_points()
+    assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest
+    later = frontier.later_points()
+    assert Point("general", None, 1) in later and Point("alora", 3.0, 1) in later and Point("alora", 3.0, 0, "medmcqa") in later
