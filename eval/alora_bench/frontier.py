@@ -127,8 +127,8 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     the checkpoints are scored in order on SciQ valid and the general sample. The domain stage is the first
     checkpoint whose general-loss gain kept is ≤ MAX_KEPT and whose accuracy is ≥ ν's + MIN_GAIN (later ones are
     not scored); if none does, the last."""
-    plan_path = paths.results / "plan.json"
-    if plan_path.is_file():
+    plan_path, lr = paths.results / "plan.json", args.learning_rate
+    if plan_path.is_file() and json.loads(plan_path.read_text())["learning_rate"] == lr:
         return json.loads(plan_path.read_text())
     seed = args.seeds[0]
     general = reproduce.ensure_general(paths, scale, seed)
@@ -151,18 +151,18 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
         return point
 
     base, nu = score("base", None), score("general", general)
-    run_dir = paths.work / "runs" / f"s{seed}" / "pilot-lora"
+    name = f"pilot-lora-lr{lr:g}"  # a pilot at another --learning-rate is another run
+    run_dir = paths.work / "runs" / f"s{seed}" / name
     steps = list(range(args.pilot_every, args.pilot_steps + 1, args.pilot_every))
-    lr = args.learning_rate
     if not all((run_dir / f"checkpoint-{s}" / "adapter_config.json").is_file() for s in steps):
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = domain_config("domain-lora", paths, scale, seed, "sciq", run_dir, args.pilot_steps, lr)
         # Axolotl keeps 4 checkpoints unless told otherwise
         cfg.update(save_strategy="steps", save_steps=args.pilot_every, save_total_limit=len(steps) + 1, save_only_model=True)
-        reproduce.record_cost(paths, f"s{seed}/pilot-lora", reproduce.train(cfg, f"s{seed}/pilot-lora", paths, scale))
+        reproduce.record_cost(paths, f"s{seed}/{name}", reproduce.train(cfg, f"s{seed}/{name}", paths, scale))
     table = []
     for s in steps:  # in order, up to the first checkpoint that meets both criteria
-        p = score(f"lora-step{s}", run_dir / f"checkpoint-{s}")
+        p = score(f"lora-lr{lr:g}-step{s}", run_dir / f"checkpoint-{s}")
         kept = (base["general_loss"] - p["general_loss"]) / (base["general_loss"] - nu["general_loss"])
         table.append({"step": s, **p, "kept": kept, "gain": p["acc"] - nu["acc"]})
         if kept <= MAX_KEPT and p["acc"] - nu["acc"] >= MIN_GAIN:
@@ -173,35 +173,40 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     plan = {"general_steps": scale.general_steps, "pilot_step": chosen, "domain_steps": domain_steps, "learning_rate": lr,
             "criteria": {"max_kept": MAX_KEPT, "min_gain": MIN_GAIN}, "met": bool(ok), "base": base, "general": nu,
             "checkpoints": table, "seed": seed, "limit": args.pilot_limit, "task": PILOT_TASK}
-    write_json(plan_path, plan)
-    write_pilot_md(paths.results / "pilot.md", plan)
+    write_json(plan_path, plan)  # the latest pilot's plan is the frontier's
+    write_json(scores / f"plan-lr{lr:g}.json", plan)
+    write_pilot_md(paths.results / "pilot.md", [json.loads(f.read_text()) for f in sorted(scores.glob("plan-lr*.json"))], plan)
     log(f"pilot: domain stage {chosen} steps ({'criteria met' if ok else 'criteria NOT met: longest run taken'})")
     return plan
 
 
-def write_pilot_md(path: Path, plan: dict) -> None:
+def write_pilot_md(path: Path, pilots: list[dict], plan: dict) -> None:
+    """Every pilot (one per learning rate tried), then the plan the frontier follows (the latest pilot's)."""
     base, nu = plan["base"], plan["general"]
     lines = [
         "# Frontier pilot: how long the domain stage runs",
         "",
-        f"Command: `python -m alora_bench.frontier pilot` (seed {plan['seed']}). General stage {plan['general_steps']} steps; then one "
-        f"LoRA(ν+μ) run on SciQ at learning rate {plan['learning_rate']:g}, cosine schedule, saved along the way. Each checkpoint is "
+        f"Command: `python -m alora_bench.frontier pilot [--learning-rate LR]` (seed {plan['seed']}). General stage {plan['general_steps']} "
+        "steps; then, per learning rate tried, one LoRA(ν+μ) run on SciQ, cosine schedule, saved along the way. Each checkpoint is "
         f"scored on {plan['limit']} SciQ **validation** items (test items are not read for this choice) and on the general held-out "
         "sample (64 × 256 tokens, the plugin's scorer).",
         "",
         f"Criteria: the general-loss gain kept ≤ {100 * plan['criteria']['max_kept']:.0f}% and SciQ-valid accuracy ≥ ν's + "
         f"{100 * plan['criteria']['min_gain']:.0f} points; the first checkpoint meeting both is the frontier's domain stage.",
         "",
-        "| point | SciQ-valid acc | general loss | kept | gain over ν |",
-        "|---|---:|---:|---:|---:|",
-        f"| base | {base['acc']:.3f} ± {base['acc_stderr']:.3f} | {base['general_loss']:.4f} | – | – |",
-        f"| ν (general stage) | {nu['acc']:.3f} ± {nu['acc_stderr']:.3f} | {nu['general_loss']:.4f} | 100% | – |",
+        "| point | learning rate | SciQ-valid acc | general loss | kept | gain over ν |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| base | – | {base['acc']:.3f} ± {base['acc_stderr']:.3f} | {base['general_loss']:.4f} | – | – |",
+        f"| ν (general stage) | – | {nu['acc']:.3f} ± {nu['acc_stderr']:.3f} | {nu['general_loss']:.4f} | 100% | – |",
     ]
-    for row in plan["checkpoints"]:
-        lines.append(f"| LoRA(ν+μ) step {row['step']} | {row['acc']:.3f} ± {row['acc_stderr']:.3f} | {row['general_loss']:.4f} | "
-                     f"{100 * row['kept']:.0f}% | {100 * row['gain']:+.1f} |")
-    verdict = (f"Chosen: **{plan['domain_steps']} domain steps** (checkpoint {plan['pilot_step']}, rounded to a multiple of 4)." if plan["met"] else
-               f"No checkpoint met both criteria; the longest ({plan['domain_steps']} steps) is taken.")
+    for pilot_plan in pilots:
+        for row in pilot_plan["checkpoints"]:
+            lines.append(f"| LoRA(ν+μ) step {row['step']} | {pilot_plan['learning_rate']:g} | {row['acc']:.3f} ± {row['acc_stderr']:.3f} | "
+                         f"{row['general_loss']:.4f} | {100 * row['kept']:.0f}% | {100 * row['gain']:+.1f} |")
+    verdict = (f"Chosen: **{plan['domain_steps']} domain steps at learning rate {plan['learning_rate']:g}** (checkpoint {plan['pilot_step']}, "
+               "rounded to a multiple of 4)." if plan["met"] else
+               f"At learning rate {plan['learning_rate']:g} no checkpoint met both criteria; the longest ({plan['domain_steps']} steps) is taken "
+               "for now: a pilot at a higher --learning-rate is the next step.")
     lines += ["", verdict + " A checkpoint of a longer cosine schedule has seen a higher learning rate than the end of a run of "
               "that length, so a run of the chosen length forgets somewhat less than its row shows.", ""]
     path.write_text("\n".join(lines))
@@ -462,6 +467,8 @@ def run(args, paths: Paths, scale: Scale, manager) -> None:
     if not plan_path.is_file():
         raise SystemExit(f"no plan yet: run `python -m alora_bench.frontier pilot` first (writes {plan_path})")
     frontier = Frontier(args, paths, scale, manager, json.loads(plan_path.read_text()))
+    if not frontier.plan["met"]:
+        log("warning: the pilot's criteria were not met (pilot.md): forgetting may not be material in this regime")
     started = time.time()
     stages = {"first": frontier.first_seed_points, "chosen": frontier.chosen_points, "later": frontier.later_points}
     for stage in (stages[name] for name in args.stages):
