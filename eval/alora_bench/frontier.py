@@ -172,7 +172,7 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     domain_steps = 4 * round(chosen / 4)  # the lora run saves at 25/50/75/100% of its steps
     plan = {"general_steps": scale.general_steps, "pilot_step": chosen, "domain_steps": domain_steps, "learning_rate": lr,
             "criteria": {"max_kept": MAX_KEPT, "min_gain": MIN_GAIN}, "met": bool(ok), "base": base, "general": nu,
-            "checkpoints": table, "seed": seed, "limit": args.pilot_limit, "task": PILOT_TASK}
+            "checkpoints": table, "seed": seed, "limit": args.pilot_limit, "task": PILOT_TASK, "sequence_len": scale.sequence_len}
     write_json(plan_path, plan)  # the latest pilot's plan is the frontier's
     write_json(scores / f"plan-lr{lr:g}.json", plan)
     write_pilot_md(paths.results / "pilot.md", [json.loads(f.read_text()) for f in sorted(scores.glob("plan-lr*.json"))], plan)
@@ -189,7 +189,7 @@ def write_pilot_md(path: Path, pilots: list[dict], plan: dict) -> None:
         f"Command: `python -m alora_bench.frontier pilot [--learning-rate LR]` (seed {plan['seed']}). General stage {plan['general_steps']} "
         "steps; then, per learning rate tried, one LoRA(ν+μ) run on SciQ, cosine schedule, saved along the way. Each checkpoint is "
         f"scored on {plan['limit']} SciQ **validation** items (test items are not read for this choice) and on the general held-out "
-        "sample (64 × 256 tokens, the plugin's scorer).",
+        f"sample ({GENERAL_SAMPLES} × {plan.get('sequence_len', 256)} tokens, the plugin's scorer).",
         "",
         f"Criteria: the general-loss gain kept ≤ {100 * plan['criteria']['max_kept']:.0f}% and SciQ-valid accuracy ≥ ν's + "
         f"{100 * plan['criteria']['min_gain']:.0f} points; the first checkpoint meeting both is the frontier's domain stage.",
