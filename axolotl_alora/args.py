@@ -30,7 +30,12 @@ DEFAULTS = {
     "alora_general_eval": None,
     "alora_general_eval_samples": 256,
     "alora_allow_base_model_mismatch": False,
+    "alora_keep": None,
+    "alora_max_general_loss_rise": None,
+    "alora_budget_by": "interpolation",
+    "alora_general_eval_steps": None,
 }
+BUDGET_KEYS = ("alora_keep", "alora_max_general_loss_rise")
 IMPORTANCE_FILENAME = "alora_importance.safetensors"
 # these update parameters inside the backward pass, not in the optimizer step the Trainer reports,
 # so neither Δθ per step (eq. 14) nor a penalty computed once per step would be right
@@ -83,6 +88,20 @@ class AloraArgs(BaseModel):
     alora_allow_base_model_mismatch: bool | None = Field(default=None, json_schema_extra=_described(
         "Use an importance file recorded on a different base model (normally an error).", "alora_allow_base_model_mismatch"))
 
+    alora_keep: float | None = Field(default=None, json_schema_extra=_described(
+        "A forgetting budget: the share (0 to 1] of the general stage's gain in general-text loss to keep (needs "
+        "alora_general_eval and a ν point: alora_importance_path or lora_model_dir)."))
+    alora_max_general_loss_rise: float | None = Field(default=None, json_schema_extra=_described(
+        "A forgetting budget for runs with no general stage: the largest rise in general-text loss over the base "
+        "model, nats per token (needs alora_general_eval)."))
+    alora_budget_by: Literal["interpolation", "phi", "both"] | None = Field(default=None, json_schema_extra=_described(
+        "How the budget is met: interpolation (after training, the largest α of (1 − α)·ΔW_ref + α·ΔW_end that "
+        "meets it, written to <output_dir>/alora_interpolated), phi (steer alora_phi at every general-text scoring; "
+        "needs alora_importance_path) or both.", "alora_budget_by"))
+    alora_general_eval_steps: int | None = Field(default=None, gt=0, json_schema_extra=_described(
+        "Score the general text every this many optimizer steps, besides evaluations; with alora_budget_by phi or "
+        "both, default: a tenth of the run's steps."))
+
     @model_validator(mode="before")
     @classmethod
     def check_alora_keys(cls, data):
@@ -128,6 +147,7 @@ def alora_problems(cfg, known=()) -> list[str]:
     problems += _value_problems(given)
     problems += _stage_problems(given)
     problems += _run_problems(cfg)
+    problems += _budget_problems(cfg, given)
     record, path = bool(given.get("alora_record_importance")), given.get("alora_importance_path")
     if record and path and cfg.get("output_dir"):
         out = Path(cfg["output_dir"]) / IMPORTANCE_FILENAME
@@ -178,6 +198,37 @@ def _stage_problems(given: dict) -> list[str]:
                 "`alora_record_importance: true` (general stage), `alora_importance_path: <file>` (domain stage) "
                 "or `alora_general_eval: <text>` (watch forgetting)."]
     return []
+
+
+def _budget_problems(cfg, given: dict) -> list[str]:
+    """A forgetting budget needs the general text, a reference for a share kept, and a regularizer to steer."""
+    budgets = [k for k in BUDGET_KEYS if k in given]
+    if "alora_general_eval_steps" in given and not given.get("alora_general_eval"):
+        return ["alora_general_eval_steps is set but there is no general text to score: set alora_general_eval."]
+    if not budgets:
+        return [f"{k} is set but there is no budget to meet: set alora_keep or alora_max_general_loss_rise."
+                for k in ("alora_budget_by",) if k in given]
+    if len(budgets) == 2:
+        return ["alora_keep and alora_max_general_loss_rise are both set: give one forgetting budget."]
+    problems = []
+    keep, rise = _number(given.get("alora_keep")), _number(given.get("alora_max_general_loss_rise"))
+    if "alora_keep" in given and not (keep is not None and 0 < keep <= 1):
+        problems.append(f"alora_keep is a share of the general stage's gain to keep, in (0, 1]; got {given['alora_keep']!r}.")
+    if "alora_max_general_loss_rise" in given and not (rise is not None and rise > 0):
+        problems.append(f"alora_max_general_loss_rise is a rise in nats per token, > 0; got {given['alora_max_general_loss_rise']!r}.")
+    if not given.get("alora_general_eval"):
+        problems.append(f"{budgets[0]} is measured on general text: set alora_general_eval (a .txt or .jsonl of held-out general text).")
+    if "alora_keep" in given and not (given.get("alora_importance_path") or cfg.get("lora_model_dir")):
+        problems.append("alora_keep keeps a share of a general stage's gain, but this stage has no ν point: set alora_importance_path "
+                        "(or lora_model_dir, the general stage's adapter), or use alora_max_general_loss_rise.")
+    mechanism = setting(cfg, "alora_budget_by")
+    if mechanism in ("phi", "both") and not given.get("alora_importance_path"):
+        problems.append(f"alora_budget_by: {mechanism} steers alora_phi, which needs an importance file: set alora_importance_path, "
+                        "or use alora_budget_by: interpolation.")
+    if mechanism in ("interpolation", "both") and cfg.get("lora_modules_to_save"):
+        problems.append(f"alora_budget_by: {mechanism} interpolates LoRA adapters, and lora_modules_to_save trains full copies it "
+                        "cannot interpolate: remove lora_modules_to_save, or use alora_budget_by: phi.")
+    return problems
 
 
 def _run_problems(cfg) -> list[str]:

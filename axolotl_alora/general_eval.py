@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from .args import setting
+from .forgetting_budget import BudgetRun, BudgetSpec, default_scoring_interval, split_samples
 from .regularizer import RegularizedModule
 
 LOG = logging.getLogger("axolotl.alora")
@@ -172,8 +173,10 @@ class GeneralEvalCallback(TrainerCallback):
     """Scores the sample at the start (base, ν), at every evaluation, and at the last step if no evaluation scores it."""
 
     def __init__(self, trainer, sequences: Tensor, regularizer=None, output_dir: str | None = None, settings: dict | None = None,
-                 start_is_reference: bool = False):
+                 start_is_reference: bool = False, budget=None, interval: int | None = None):
         self.trainer, self.sequences, self.regularizer = trainer, sequences, regularizer
+        self.budget = budget  # a forgetting_budget.BudgetRun; `sequences` is then its control sample
+        self.interval = interval  # score every this many steps too (alora_general_eval_steps)
         self.start_is_reference = start_is_reference  # the stage continues an earlier adapter (lora_model_dir): that is ν
         self.output_dir, self.settings = output_dir, settings or {}
         self.scores: GeneralScores | None = None
@@ -182,61 +185,79 @@ class GeneralEvalCallback(TrainerCallback):
         self.last_step: int | None = None
         self.seconds = 0.0  # spent scoring, for its cost beside the training time
 
-    def _score(self, model) -> float:
+    def _score(self, model, sequences: Tensor | None = None) -> float:
+        """The mean token loss of `sequences` (default: the sample that is logged), on every rank, all-reduced."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         start = time.perf_counter()
         with self.trainer.compute_loss_context_manager():  # the eval loop's precision (autocast where the Trainer uses it)
-            loss = mean_token_loss(model, self.sequences, self.trainer.args.per_device_eval_batch_size, rank, world)
+            loss = mean_token_loss(model, self.sequences if sequences is None else sequences, self.trainer.args.per_device_eval_batch_size,
+                                   rank, world)
         self.seconds += time.perf_counter() - start
         return loss
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def _points(self, model, state, sequences: Tensor | None = None) -> GeneralScores:
+        """The base model's loss and ν's (where there is a ν) on `sequences`."""
         with model.disable_adapter():
-            base = self._score(model)
+            base = self._score(model, sequences)
         reference = None
-        swappable = self._swappable()
+        swappable = swappable_references(self.regularizer)
         if swappable is not None:
             with reference_weights(*swappable):
-                reference = self._score(model)
+                reference = self._score(model, sequences)
         elif self.start_is_reference and state.global_step == 0:  # not when resuming: the weights are a checkpoint's
-            reference = self._score(model)
-        self.scores = GeneralScores(base, reference)
+            reference = self._score(model, sequences)
+        return GeneralScores(base, reference)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.scores = self._points(model, state)
+        if self.budget is not None:
+            self.interval = self.interval or default_scoring_interval(self.budget.spec, state.max_steps)
+            self.budget.start(self.scores, self._points(model, state, self.budget.report), args, state)
         if state.is_world_process_zero:
-            LOG.info("ALoRA: general-text loss on %d sequences: base %.4f%s", len(self.sequences), base,
-                     f", ν {reference:.4f}" if reference is not None else "")
+            LOG.info("ALoRA: general-text loss on %d sequences%s: base %.4f%s", len(self.sequences),
+                     " (the budget's control sample)" if self.budget is not None else "", self.scores.base,
+                     f", ν {self.scores.reference:.4f}" if self.scores.reference is not None else "")
 
-    def _swappable(self):
-        if self.regularizer is None:
-            return None
-        modules = [m for m in self.regularizer.references if isinstance(m, RegularizedModule)]
-        parameters = [m for m in self.regularizer.references if not isinstance(m, RegularizedModule)]
-        if any(m.A_ref.shape != m.A.shape or m.B_ref.shape != m.B.shape for m in modules):
-            LOG.info("ALoRA: the importance file's reference adapter has another LoRA shape; no ν point for the general-text loss")
-            return None
-        return modules, parameters
-
-    def _log_now(self, model, step: int, control) -> None:
+    def _log_now(self, model, step: int, control, final: bool = False) -> None:
         if self.last_step == step:  # already scored (eval_strategy epoch evaluates after the last step's own score)
             return
         self.last, self.last_step = self._score(model), step
         self.evaluations.append({"step": step, "loss": self.last})
+        logs = {"alora_general_loss": self.last, "alora_general_ppl": math.exp(self.last)}
+        if self.budget is not None:
+            self.budget.after_score(self.last, step)
+            if final and not self.budget.finished:
+                self.budget.finish(model, lambda sequences: self._score(model, sequences), self.last, self.regularizer)
+                if self.budget.alpha is not None:
+                    logs["alora_alpha"] = self.budget.alpha
         should_log = control.should_log
-        self.trainer.log({"alora_general_loss": self.last, "alora_general_ppl": math.exp(self.last)})
+        self.trainer.log(logs)
         control.should_log = should_log  # Trainer.log clears it: the step's own log entry must still happen
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        self._log_now(model, state.global_step, control)
+        self._log_now(model, state.global_step, control, final=bool(state.max_steps) and state.global_step >= state.max_steps)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        # the last step without an evaluation of its own: score it now, while the Trainer still logs and prints
-        if state.max_steps and state.global_step >= state.max_steps and not control.should_evaluate:
-            self._log_now(model, state.global_step, control)
+        last = bool(state.max_steps) and state.global_step >= state.max_steps
+        if control.should_evaluate:
+            return  # on_evaluate scores this step
+        # the last step: score it now, while the Trainer still logs and prints
+        if last or (self.interval and state.global_step % self.interval == 0):
+            self._log_now(model, state.global_step, control, final=last)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.budget is not None and state.is_world_process_zero:
+            self.budget.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.last is None or self.last_step != state.global_step:  # stopped early, before any score of its last step
-            self._log_now(model, state.global_step, control)
+            self._log_now(model, state.global_step, control, final=True)
+        elif self.budget is not None and not self.budget.finished:
+            self.budget.finish(model, lambda sequences: self._score(model, sequences), self.last, self.regularizer)
         if state.is_world_process_zero:
             LOG.info(self.scores.verdict(self.last))
+            if self.budget is not None:
+                LOG.info(self.budget.verdict())
             if self.output_dir:
                 write_json_atomically(Path(self.output_dir) / GENERAL_EVAL_FILENAME, self.summary())
 
@@ -246,7 +267,21 @@ class GeneralEvalCallback(TrainerCallback):
         return {**self.settings, "sequences": len(self.sequences), "base": base, "reference": reference,
                 "evaluations": self.evaluations, "final": now, "final_ppl": math.exp(now), "rise_over_base": now - base,
                 "kept_share": self.scores.kept(now),
+                "budget": self.budget.summary() if self.budget is not None else None,
                 "seconds": round(self.seconds, 2)}
+
+
+def swappable_references(regularizer):
+    """(LoRA modules, full parameters) whose θ^ν `reference_weights` can swap in; None without a regularizer, or when
+    the importance file's reference adapter has another LoRA shape than the live one."""
+    if regularizer is None:
+        return None
+    modules = [m for m in regularizer.references if isinstance(m, RegularizedModule)]
+    parameters = [m for m in regularizer.references if not isinstance(m, RegularizedModule)]
+    if any(m.A_ref.shape != m.A.shape or m.B_ref.shape != m.B.shape for m in modules):
+        LOG.info("ALoRA: the importance file's reference adapter has another LoRA shape; no ν point for the general-text loss")
+        return None
+    return modules, parameters
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -263,5 +298,15 @@ def general_eval_callback(cfg, trainer, documents: list[str] | None = None, regu
     seed = cfg.seed if cfg.seed is not None else 42
     sequences = sample_sequences(documents, tokenizer, int(cfg.sequence_len), int(setting(cfg, "alora_general_eval_samples")), seed)
     settings = {"source": str(cfg.alora_general_eval), "sequence_len": int(cfg.sequence_len), "seed": seed}
+    spec = BudgetSpec.from_cfg(cfg)
+    budget = None
+    if spec is not None:
+        if len(sequences) < 2:
+            raise GeneralEvalError("alora_general_eval: a forgetting budget needs at least 2 sequences (a control and a report sample); give more text.")
+        sequences, report = split_samples(sequences)
+        budget = BudgetRun(spec, trainer, report, cfg.output_dir, reference_dir=cfg.lora_model_dir,
+                           resume_from_checkpoint=cfg.resume_from_checkpoint)
+        settings["samples"] = "control (even rows of the draw); the report sample is the odd rows"
     return GeneralEvalCallback(trainer, sequences, regularizer, output_dir=cfg.output_dir, settings=settings,
-                               start_is_reference=bool(cfg.lora_model_dir))
+                               start_is_reference=bool(cfg.lora_model_dir), budget=budget,
+                               interval=cfg.alora_general_eval_steps)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -75,11 +74,16 @@ def interpolate_adapters(base: str | Path, ref: str | Path | None, end: str | Pa
     `model`: the pair already loaded (`load_pair`)."""
     model = model if model is not None else load_pair(base, ref, end)
     add_interpolation(model, "ref" if ref is not None else None, "end", alpha)
+    return save_adapter(model, INTERPOLATED, out)
+
+
+def save_adapter(model, name: str, out: str | Path) -> Path:
+    """Write adapter `name` of a PeftModel to the folder `out` alone, atomically (a temp folder, then a rename)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), selected_adapters=[INTERPOLATED])
-    saved = tmp / INTERPOLATED if (tmp / INTERPOLATED).is_dir() else tmp
+    model.save_pretrained(str(tmp), selected_adapters=[name])
+    saved = tmp / name if (tmp / name).is_dir() else tmp
     shutil.rmtree(out, ignore_errors=True)
     saved.replace(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,12 +155,12 @@ def _samples(args, base):
     """Two disjoint samples of general text: the control sample the search reads and the report sample it does not."""
     from transformers import AutoTokenizer
 
+    from .forgetting_budget import split_samples
     from .general_eval import read_documents, sample_sequences
 
     sequences = sample_sequences(read_documents(args.general_eval), AutoTokenizer.from_pretrained(str(base)), args.sequence_len,
                                  2 * args.samples, args.seed)
-    half = math.ceil(len(sequences) / 2)
-    return sequences[:half], sequences[half:]
+    return split_samples(sequences)
 
 
 def _scorer(model, ref: str | None):

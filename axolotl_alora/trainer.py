@@ -53,6 +53,8 @@ class AloraTrainer(AxolotlTrainer):
         self._alora_max_ratio = torch.maximum(self._alora_max_ratio, ratio.double())
 
     def log(self, logs, start_time=None):
+        if "loss" in logs and self.alora_regularizer is not None:
+            logs["alora_phi"] = self.alora_phi  # a forgetting budget steers it (alora_budget_by: phi)
         sums = getattr(self, "_alora_sums", None)
         if "loss" in logs and sums is not None and sums[2] > 0:
             reg_sum, ratio_sum, count = sums.tolist()

@@ -61,6 +61,23 @@ def test_defaults_are_the_papers_and_applied_where_used(tmp_path):
         ({"alora_general_eval": {"ds_type": "json"}}, "alora_general_eval: a dataset entry needs `path`"),
         ({"alora_record_importance": True, "alora_phii": 3}, "unknown key alora_phii; did you mean alora_phi\\?"),
         ({"alora_bogus_thing": 1}, "unknown key alora_bogus_thing; it is not an ALoRA key"),
+        # a forgetting budget
+        ({"alora_importance_path": "x.safetensors", "alora_keep": 0.8}, "alora_keep is measured on general text: set alora_general_eval"),
+        ({"alora_general_eval": "g.jsonl", "alora_keep": 0.8}, "alora_keep keeps a share of a general stage's gain, but this stage has no ν point"),
+        ({"alora_general_eval": "g.jsonl", "alora_importance_path": "x.safetensors", "alora_keep": 1.5}, "alora_keep is a share .* in \\(0, 1\\]"),
+        ({"alora_general_eval": "g.jsonl", "alora_importance_path": "x.safetensors", "alora_keep": 0}, "alora_keep is a share"),
+        ({"alora_general_eval": "g.jsonl", "alora_max_general_loss_rise": -0.1}, "alora_max_general_loss_rise is a rise in nats per token, > 0"),
+        ({"alora_general_eval": "g.jsonl", "alora_importance_path": "x.safetensors", "alora_keep": 0.8, "alora_max_general_loss_rise": 0.1},
+         "alora_keep and alora_max_general_loss_rise are both set"),
+        ({"alora_general_eval": "g.jsonl", "alora_max_general_loss_rise": 0.1, "alora_budget_by": "phi"},
+         "alora_budget_by: phi steers alora_phi, which needs an importance file"),
+        ({"alora_general_eval": "g.jsonl", "alora_max_general_loss_rise": 0.1, "alora_budget_by": "sometimes"}, "alora_budget_by"),
+        ({"alora_general_eval": "g.jsonl", "alora_importance_path": "x.safetensors", "alora_budget_by": "phi"},
+         "alora_budget_by is set but there is no budget to meet"),
+        ({"alora_general_eval": "g.jsonl", "alora_max_general_loss_rise": 0.1, "lora_modules_to_save": ["lm_head"]},
+         "lora_modules_to_save trains full copies it cannot interpolate"),
+        ({"alora_importance_path": "x.safetensors", "alora_general_eval_steps": 5}, "alora_general_eval_steps is set but there is no general text"),
+        ({"alora_general_eval": "g.jsonl", "alora_general_eval_steps": 0}, "alora_general_eval_steps"),
     ],
 )
 def test_bad_settings_fail_at_validation_naming_the_key(tmp_path, overrides, message):

@@ -225,3 +225,26 @@ class PeakMemoryPlugin(BasePlugin):
 
         os.makedirs(cfg.output_dir, exist_ok=True)
         return [_PeakMemory(os.path.join(cfg.output_dir, "peak_memory.json"))]
+
+
+class _PhiPerRank(TrainerCallback):
+    def __init__(self, trainer, out):
+        self.trainer, self.out, self.seen = trainer, out, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append([state.global_step, self.trainer.alora_phi])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import json
+
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(self.out, f"phi_rank{rank}.json"), "w") as f:
+            json.dump(self.seen, f)
+
+
+class PhiPerRankPlugin(BasePlugin):
+    """Writes <output_dir>/phi_rank<RANK>.json: the trainer's alora_phi after every step, as each rank holds it."""
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        return [_PhiPerRank(trainer, cfg.output_dir)]
