@@ -116,3 +116,49 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
     assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest
     later = frontier.later_points()
     assert Point("general", None, 1) in later and Point("alora", 3.0, 1) in later and Point("alora", 3.0, 0, "medmcqa") in later
+
+
+def test_budget_points_use_text_the_frontier_sample_never_reads(tmp_path, base):
+    """The budget runs steer on held-out windows outside the frontier's general sample, from ALoRA's chosen φ."""
+    from transformers import AutoTokenizer
+
+    from alora_bench import frontier as fr
+
+    frontier = _frontier(tmp_path, base)
+    frontier.args.methods, frontier.args.seeds = list(fr.METHODS), [0]
+    frontier.plan["alora_phi"] = 0.3
+    data = frontier.paths.data
+    data.mkdir(parents=True)
+    write_text_jsonl(data / "general_heldout.jsonl", 120, seed=3, tokenizer_dir=base, tokens=40)
+    yardstick = {tuple(row.tolist()) for row in fr.general_sample(base, frontier.paths, frontier.scale)}
+    text = frontier.budget_text()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    rows = [json.loads(line)["text"] for line in text.read_text().splitlines()]
+    assert len(yardstick) == fr.GENERAL_SAMPLES
+    decoded_yardstick = {tokenizer.decode(list(w), skip_special_tokens=True) for w in yardstick}
+    assert rows and not decoded_yardstick & set(rows)
+    points = frontier.budget_points()
+    assert {(p.method, p.knob) for p in points} == {(m, k) for m in ("budget_interpolation", "budget_phi", "budget_both") for k in (0.5, 0.8)}
+    (frontier.paths.general(0)).mkdir(parents=True, exist_ok=True)
+    from unittest import mock
+
+    with mock.patch("alora_bench.reproduce.ensure_general", return_value=frontier.paths.general(0)), \
+            mock.patch("alora_bench.frontier.domain_config", return_value={"datasets": [{}]}):
+        cfg = frontier.config(fr.Point("budget_both", 0.8), tmp_path / "out")
+    assert cfg["alora_keep"] == 0.8 and cfg["alora_budget_by"] == "both" and cfg["alora_phi"] == 0.3
+    assert cfg["alora_general_eval"] == str(text) and cfg["alora_general_eval_samples"] == fr.BUDGET_SAMPLES
+    assert fr.Point("budget_phi", 0.5) not in frontier.later_points()
+
+
+def test_budget_table_compares_with_the_best_fixed_knob_at_the_same_loss(tmp_path):
+    from alora_bench.frontier_report import accuracy_at_loss, budget_table
+
+    base, nu = _point("base", None, 0.60, 3.0), _point("general", None, 0.62, 2.5)
+    lora = [_point("lora", 0.5, 0.70, 2.8), _point("lora", 1.0, 0.80, 2.95)]
+    alora = [_point("alora", 3.0, 0.72, 2.7), _point("alora", 0.3, 0.78, 2.85)]
+    run = {**_point("budget_interpolation", 0.5, 0.77, 2.75),
+           "budget": {"phi_start": 0.3, "phi_trajectory": None, "alpha": 0.6, "report_kept_share": 0.52}}
+    assert accuracy_at_loss(alora, 2.775) == pytest.approx(0.75)
+    assert accuracy_at_loss(lora, 2.75) is None
+    table = "\n".join(budget_table([base, nu, *lora, *alora, run], base, nu))
+    assert "| interpolation | 0.5 | – | 0.6 | 52% | 50% | 77.0 ± 2.0 | 74.0 (ALoRA) |" in table

@@ -105,9 +105,10 @@ def runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("upstream")
     with cf.ThreadPoolExecutor(max_workers=2) as pool:
         r = Runs(root, tiny_model_dir, pool)
-        # the φ > 0 domain stages also watch the general-text loss, at the config's own evaluations
+        # the φ > 0 domain stages also watch the general-text loss, at the config's own evaluations, under a forgetting
+        # budget met by interpolation (which changes no training step)
         watch = {"alora_general_eval": str(write_text_jsonl(root / "watch.jsonl", 100, seed=5, tokenizer_dir=tiny_model_dir, tokens=40)),
-                 "alora_general_eval_samples": WATCH_SAMPLES}
+                 "alora_general_eval_samples": WATCH_SAMPLES, "alora_max_general_loss_rise": 0.01}
         stages = []
         for config in CONFIGS:
             up, stem = upstream.load(config), _stem(config)
@@ -249,11 +250,36 @@ def test_general_loss_is_logged_at_every_evaluation(runs, config):
     # one per evaluation, and one more at the end if the last evaluation came before the last step
     assert evals >= 1 and len(watched["evaluations"]) in (evals, evals + 1), (evals, watched["evaluations"])
     assert run.log.count("{'alora_general_loss'") == len(watched["evaluations"])
-    assert watched["sequences"] == WATCH_SAMPLES
+    assert watched["sequences"] == WATCH_SAMPLES // 2  # the budget's control sample; the other half reports
     values = [watched["base"], watched["reference"], *(e["loss"] for e in watched["evaluations"])]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert watched["base"] != watched["reference"], "the adapter must be disabled for the base point"
     assert watched["final"] == watched["evaluations"][-1]["loss"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_budget_interpolates_in_the_users_configs(runs, config):
+    """alora_interpolated = (1 − α)·ΔW_ν + α·ΔW_end, module by module from the saved files (ν: the general stage's
+    adapter), in each config (QLoRA's 4-bit base and 8-bit optimizer included), and within the budget."""
+    stem = _stem(config)
+    general, domain = runs.get(f"G_{stem}"), runs.get(f"D_{stem}")
+    budget = json.loads((domain.out / "alora_general_eval.json").read_text())["budget"]
+    alpha = budget["alpha"]
+    assert 0 <= alpha <= 1 and budget["control"]["chosen"] <= budget["target"] + 1e-6
+    assert "'alora_alpha'" in domain.log  # logged at the end, like the other metrics
+    ref, end, got = (_deltas(run_dir) for run_dir in (general.out, domain.out, domain.out / "alora_interpolated"))
+    assert got.keys() == end.keys() == ref.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], (1 - alpha) * ref[name] + alpha * end[name], rtol=1e-4, atol=1e-6)
+
+
+def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """s·B·A per module, from the saved files and adapter_config.json alone."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
+            for k in tensors if k.endswith(".lora_A.weight")}
 
 
 # ---------------------------------------------------------------------------------------------- B

@@ -17,6 +17,8 @@ and each method's middle point on MedMCQA):
     wise_lora      WiSE-FT: ΔW(α) = (1 − α)·ΔW_ν + α·ΔW_end between ν and LoRA(ν+μ)'s end, α swept
     wise_alora     the same between ν and ALoRA's end at its chosen φ
     alora_replay   ALoRA at its chosen φ with 5% replay
+    budget_*       ALoRA at its chosen φ under a forgetting budget (alora_keep 0.5 and 0.8), met by interpolation, by
+                   steering φ, or both; steered on held-out text that excludes the frontier's general sample
 
 Every number comes from the product: `axolotl train` on the YAMLs of examples/smollm2-cpu/, `alora fisher`, peft's
 `add_weighted_adapter` for WiSE-FT, lm-eval for accuracy and perplexity, and the plugin's own general-text scoring
@@ -88,8 +90,12 @@ METHODS = {
     "wise_lora": Method("WiSE-FT of LoRA(ν+μ)", "α", (0.25, 0.5, 0.75)),
     "wise_alora": Method("WiSE-FT of ALoRA", "α", (0.25, 0.5, 0.75)),
     "alora_replay": Method("ALoRA + 5% replay", "φ", (), "domain-alora"),
+    "budget_interpolation": Method("Budget: interpolation", "keep", (0.5, 0.8), "domain-alora"),
+    "budget_phi": Method("Budget: φ steered", "keep", (0.5, 0.8), "domain-alora"),
+    "budget_both": Method("Budget: φ steered, then interpolation", "keep", (0.5, 0.8), "domain-alora"),
 }
 REPLAY_WITH_ALORA = 0.05
+BUDGET_SAMPLES = 128  # the budget runs' alora_general_eval_samples: 64 control + 64 report sequences
 
 
 # ------------------------------------------------------------------------------------------ the plugin's general loss
@@ -256,6 +262,9 @@ class Frontier:
             return (run if point.knob == 1.0 else run / f"checkpoint-{round(point.knob * self.steps)}"), cost
         if point.method.startswith("wise_"):
             return self.wise(point)
+        if point.method.startswith("budget_"):  # interpolation writes the budgeted adapter beside the trained one
+            run, cost = self.trained(point)
+            return (run if point.method == "budget_phi" else run / "alora_interpolated"), cost
         return self.trained(point)
 
     def trained(self, point: Point) -> tuple[Path, dict]:
@@ -280,6 +289,12 @@ class Frontier:
             cfg.update(alora_importance_path=str(self.paths.general(point.seed) / "alora_importance.safetensors"),
                        alora_phi=point.knob, alora_importance_normalization="mean")
             reproduce.ensure_general(self.paths, self.scale, point.seed)
+        elif point.method.startswith("budget_"):
+            cfg.update(alora_importance_path=str(self.paths.general(point.seed) / "alora_importance.safetensors"),
+                       alora_phi=self.plan["alora_phi"], alora_importance_normalization="mean", alora_keep=point.knob,
+                       alora_budget_by=point.method.removeprefix("budget_"), alora_general_eval=str(self.budget_text()),
+                       alora_general_eval_samples=BUDGET_SAMPLES)
+            reproduce.ensure_general(self.paths, self.scale, point.seed)
         elif point.method == "l2sp":
             cfg.update(alora_importance_path=str(self.uniform_file(point.seed)), alora_phi=point.knob, alora_importance_normalization="mean")
         elif point.method == "ewclora":
@@ -303,6 +318,33 @@ class Frontier:
                 data.metadata["modules"][name]["norm"] = float(omega.numel()) ** 0.5
             data.metadata["source"] = "uniform"
             write_importance_file(out, data)
+        return out
+
+    # -- the budget's general text: held-out windows the frontier's general loss never reads
+    def budget_text(self) -> Path:
+        """Every window of general_heldout.jsonl (joined with EOS and cut into sequence_len tokens, as the plugin's
+        sampler does) except the GENERAL_SAMPLES windows of the frontier's general sample, one decoded window per row:
+        the budget steers and reports on text that the frontier's yardstick does not contain."""
+        out = self.paths.work / "budget_general.jsonl"
+        if out.is_file():
+            return out
+        import torch
+        from transformers import AutoTokenizer
+
+        from axolotl_alora.general_eval import read_documents
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.paths.base))
+        ids: list[int] = []
+        for text in read_documents(self.paths.data / "general_heldout.jsonl"):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        length = self.scale.sequence_len
+        windows = len(ids) // length
+        yardstick = set(torch.randperm(windows, generator=torch.Generator().manual_seed(GENERAL_SAMPLE_SEED))[:GENERAL_SAMPLES].tolist())
+        rows = [tokenizer.decode(ids[w * length:(w + 1) * length], skip_special_tokens=True) for w in range(windows) if w not in yardstick]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+        tmp.replace(out)
         return out
 
     # -- replay: general training text mixed into the domain data through Axolotl's `datasets:` list
@@ -351,6 +393,12 @@ class Frontier:
         built = json.loads((out / "frontier_cost.json").read_text())
         return out, {"wall_s": round(cost.get("wall_s", 0) + built["wall_s"], 1), "peak_rss_mib": cost.get("peak_rss_mib")}
 
+    def budget_summary(self, point: Point) -> dict:
+        """What the plugin's budget did in the run (`alora_general_eval.json`): target, φ's trajectory, α, share kept."""
+        from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
+
+        return json.loads((self.run_dir(point) / GENERAL_EVAL_FILENAME).read_text())["budget"]
+
     def wise_end(self, point: Point) -> Point:
         if point.method == "wise_lora":
             return Point("lora", 1.0, point.seed, point.task)
@@ -378,7 +426,7 @@ class Frontier:
         res = evaluate_model(self.paths.base, adapter, tasks, self.manager, limits, self.scale.device, 8, self.scale.max_length or None)
         loss = general_loss(self.paths.base, adapter, self.sequences())
         checkpoint = point.method == "lora" and point.knob != 1.0  # the plugin scores a run's end, not its checkpoints
-        watched = in_training_result(adapter) if adapter is not None and not checkpoint else None
+        watched = in_training_result(self.run_dir(point) if point.method.startswith("budget_") else adapter) if adapter is not None and not checkpoint else None
         cells = res["results"]
         result = {**asdict(point), "label": METHODS[point.method].label if point.method in METHODS else point.method,
                   "acc": cells[accuracy]["acc,none"], "acc_stderr": cells[accuracy]["acc_stderr,none"], "items": res["n-samples"][accuracy]["effective"],
@@ -387,6 +435,7 @@ class Frontier:
                   "in_training_loss": watched and watched.get("loss,none"), "train_wall_s": cost.get("wall_s"),
                   "train_peak_rss_mib": cost.get("peak_rss_mib"), "eval_wall_s": round(time.time() - start, 1),
                   "adapter": str(adapter) if adapter is not None else None, "domain_steps": self.steps, "learning_rate": self.lr,
+                  **({"budget": self.budget_summary(point)} if point.method.startswith("budget_") else {}),
                   **({"end_knob": self.wise_end(point).knob} if point.method.startswith("wise_") else {})}
         write_json(self.result_path(point), result)
         log(f"{point.name}: acc {result['acc']:.3f} ± {result['acc_stderr']:.3f}, general loss {loss:.4f}")
@@ -435,13 +484,20 @@ class Frontier:
         points += [Point("wise_alora", a, seed) for a in self.sweep("wise_alora")]
         return [p for p in points if p.method in self.args.methods]
 
+    def budget_points(self) -> list[Point]:
+        """The forgetting budget at each keep and mechanism, from ALoRA's chosen φ (first seed)."""
+        if self.chosen_phi() is None:
+            return []
+        return [Point(m, keep, self.args.seeds[0]) for m in METHODS if m.startswith("budget_") and m in self.args.methods
+                for keep in METHODS[m].values]
+
     def middle_points(self) -> list[Point]:
         """Each method's first-seed point nearest the middle accuracy level (for seeds and MedMCQA)."""
         levels = self.levels()
         if levels is None:
             return []
         out = []
-        for method in (m for m in METHODS if m in self.args.methods):
+        for method in (m for m in METHODS if m in self.args.methods and not m.startswith("budget_")):
             found = [r for r in (self.result(p) for p in self.points_of(method)) if r is not None]
             if found:
                 best = min(found, key=lambda r: abs(r["acc"] - levels[1]))
@@ -470,7 +526,8 @@ def run(args, paths: Paths, scale: Scale, manager) -> None:
     if not frontier.plan["met"]:
         log("warning: the pilot's criteria were not met (pilot.md): forgetting may not be material in this regime")
     started = time.time()
-    stages = {"first": frontier.first_seed_points, "chosen": frontier.chosen_points, "later": frontier.later_points}
+    stages = {"first": frontier.first_seed_points, "chosen": frontier.chosen_points, "budget": frontier.budget_points,
+              "later": frontier.later_points}
     for stage in (stages[name] for name in args.stages):
         for point in stage():
             if frontier.result(point) is not None:
@@ -497,8 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=0, help="start no new point after this many minutes (0: no limit)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="run only these methods' points")
     p.add_argument("--first-values", type=int, default=0, help="only the first N values of each sweep (0: all; for a quick try)")
-    p.add_argument("--stages", nargs="+", choices=("first", "chosen", "later"), default=["first", "chosen", "later"],
-                   help="first: every sweep at the first seed; chosen: the points at ALoRA's chosen φ; later: seeds and MedMCQA")
+    p.add_argument("--stages", nargs="+", choices=("first", "chosen", "budget", "later"), default=["first", "chosen", "budget", "later"],
+                   help="first: every sweep at the first seed; chosen: the points at ALoRA's chosen φ; budget: the forgetting budget "
+                        "at keep 0.5 and 0.8 by each mechanism; later: seeds and MedMCQA")
     p.add_argument("--general-steps", type=int, default=200)
     p.add_argument("--learning-rate", type=float, default=8e-4)
     p.add_argument("--pilot-steps", type=int, default=240, help="the pilot's one LoRA(ν+μ) run")

@@ -14,6 +14,7 @@ from pathlib import Path
 from alora_bench.frontier import LEVEL_SHARES, METHODS
 
 ANCHORED = {"wise_lora", "wise_alora"}  # WiSE-FT's α = 0 is ν and α = 1 its end point: both belong to its curve
+BUDGET = tuple(m for m in METHODS if m.startswith("budget_"))  # operating points chosen by the plugin, not swept knobs
 TASK_LABELS = {"sciq": "SciQ", "medmcqa": "MedMCQA"}
 
 
@@ -63,6 +64,42 @@ def at_accuracy(points: list[dict], level: float) -> float | None:
     return None
 
 
+def accuracy_at_loss(points: list[dict], loss: float) -> float | None:
+    """Accuracy at general loss `loss`, linear between the two points of the curve (sorted by loss) that bracket it."""
+    ordered = sorted(points, key=lambda p: p["general_loss"])
+    for a, b in zip(ordered, ordered[1:]):
+        if a["general_loss"] <= loss <= b["general_loss"]:
+            if b["general_loss"] == a["general_loss"]:
+                return max(a["acc"], b["acc"])
+            t = (loss - a["general_loss"]) / (b["general_loss"] - a["general_loss"])
+            return a["acc"] + t * (b["acc"] - a["acc"])
+    return None
+
+
+def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:
+    """Each budget run: the share it was asked to keep, what it kept (on the plugin's report sample and on the
+    frontier's own sample), its accuracy, and the best fixed-knob method's accuracy at the same general loss."""
+    rows = sorted((p for p in points if p["method"] in BUDGET and (p["seed"], p["task"]) == (0, "sciq")), key=lambda p: (p["method"], p["knob"]))
+    if not rows:
+        return []
+    lines = ["| mechanism | keep | φ start → end | α | kept, report sample | kept, frontier sample | SciQ acc % ± s.e. | "
+             "best fixed knob at that loss |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for p in rows:
+        b = p.get("budget") or {}
+        trajectory = b.get("phi_trajectory") or []
+        phi = f"{b['phi_start']:.3g} → {trajectory[-1][1]:.3g}" if trajectory else "–"
+        fixed = [(accuracy_at_loss(curve(points, m), p["general_loss"]), METHODS[m].label) for m in METHODS if m not in BUDGET]
+        fixed = [(a, label) for a, label in fixed if a is not None]
+        best = max(fixed) if fixed else None
+        share = kept(p, base, nu)
+        report = b.get("report_kept_share")
+        lines.append(f"| {METHODS[p['method']].label.removeprefix('Budget: ')} | {p['knob']:g} | {phi} | {_f(b.get('alpha'), '.3g')} | "
+                     f"{_f(report and 100 * report, '.0f')}{'%' if report is not None else ''} | {_f(share and 100 * share, '.0f')}"
+                     f"{'%' if share is not None else ''} | {100 * p['acc']:.1f} ± {100 * p['acc_stderr']:.1f} | "
+                     f"{f'{100 * best[0]:.1f} ({best[1]})' if best else 'outside every curve'} |")
+    return lines
+
+
 def levels(points: list[dict], plan: dict) -> list[float] | None:
     if plan.get("levels"):
         return plan["levels"]
@@ -104,7 +141,7 @@ def summary(points: list[dict], lv: list[float], base: dict, nu: dict) -> list[s
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(lv)]
     for name, method in METHODS.items():
         c = curve(points, name)
-        if not c:
+        if not c or name in BUDGET:
             continue
         cells = []
         for x in lv:
@@ -165,7 +202,8 @@ def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
         if not c:
             continue
         ax.errorbar([100 * p["acc"] for p in c], [p["general_loss"] for p in c], xerr=[100 * p["acc_stderr"] for p in c],
-                    marker="o", ms=4, lw=1.2, capsize=0, elinewidth=0.4, label=method.label)
+                    marker="D" if name in BUDGET else "o", ms=6 if name in BUDGET else 4, lw=0 if name in BUDGET else 1.2, capsize=0,
+                    elinewidth=0.4, label=method.label + (" (keep 0.5, 0.8)" if name in BUDGET else ""))
     for ref, marker in (("base", "s"), ("general", "*")):
         p = find(points, ref)
         if p:
@@ -219,6 +257,13 @@ def write_report(results: Path) -> Path:
         lines += summary(points, lv, base, nu) + [""]
     lines += ["![frontier](frontier.png)", "", "## Every point (seed 0)", ""]
     lines += method_tables(points, base, nu)
+    budget = budget_table(points, base, nu) if base and nu else []
+    if budget:
+        lines += ["## A forgetting budget", "",
+                  "ALoRA at its chosen φ with `alora_keep` 0.5 and 0.8, met by each mechanism (`alora_budget_by`). The plugin steers "
+                  "and reports on held-out general text that excludes the frontier's sample (two disjoint halves: control and report); "
+                  "\"kept, frontier sample\" is the same share on the frontier's own sample, which the run never read. The last column is "
+                  "the highest accuracy a fixed-knob method's curve reaches at the run's general loss (linear along the curve).", ""] + budget + [""]
     seeds = seeds_table(points)
     if seeds:
         lines += ["## Three seeds at each method's middle point", "",
