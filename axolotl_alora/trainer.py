@@ -28,6 +28,7 @@ class AloraTrainer(AxolotlTrainer):
         loss, outputs = out if return_outputs else (out, None)
         # one pass over Ω per optimizer step: all micro-batches of a step see the same parameters
         reg = self.alora_regularizer(self.state.global_step)
+        self._alora_phi_in_step = self.alora_phi  # a budget may change φ between steps: the log gives the one this step used
         # transformers divides the returned loss by the accumulation steps unless the model normalises
         # by num_items_in_batch itself; then the penalty must be divided here to mean φ per optimizer step
         divided_later = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
@@ -54,7 +55,7 @@ class AloraTrainer(AxolotlTrainer):
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self.alora_regularizer is not None:
-            logs["alora_phi"] = self.alora_phi  # a forgetting budget steers it (alora_budget_by: phi)
+            logs["alora_phi"] = getattr(self, "_alora_phi_in_step", self.alora_phi)  # a forgetting budget steers it
         sums = getattr(self, "_alora_sums", None)
         if "loss" in logs and sums is not None and sums[2] > 0:
             reg_sum, ratio_sum, count = sums.tolist()

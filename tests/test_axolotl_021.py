@@ -48,6 +48,10 @@ def runs(tmp_path_factory):
         r.submit("general_listed", r.general, plugins=AUDITED, alora_record_importance=True)
         r.submit("domain_listed", r.domain, after=["general_listed"], plugins=AUDITED, lora_model_dir=str(r.root / "general_listed"),
                  alora_importance_path=str(r.root / "general_listed" / FILE), alora_phi=PHI)
+        # a forgetting budget by both mechanisms, found through the entry point
+        r.submit("domain_budget", r.domain, after=["general_found"], plugins=None, lora_model_dir=str(r.root / "general_found"),
+                 alora_importance_path=str(r.root / "general_found" / FILE), alora_phi=1.0, alora_general_eval=str(r.general),
+                 alora_general_eval_samples=16, alora_keep=0.9, alora_budget_by="both", alora_general_eval_steps=1)
         # the key checks, with the plugin found only through its entry point
         r.submit("bad_phi", r.domain, check=False, plugins=None, alora_importance_path=str(r.root / "missing.safetensors"), alora_phi=-1.0)
         r.submit("missing_file", r.domain, check=False, plugins=None, alora_importance_path=str(r.root / "missing.safetensors"))
@@ -124,3 +128,17 @@ def test_domain_stage_starts_from_the_reference_adapter(runs):
     assert records[0]["dense"] == 0.0 and records[0]["ours"] == 0.0, "training must start at θ^ν (lora_model_dir: no re-draw)"
     assert records[-1]["dense"] > 0 and records[-1]["ours"] == pytest.approx(records[-1]["dense"], rel=1e-4)
     assert all(r["grad_err"] < 1e-3 for r in records)
+
+
+def test_forgetting_budget_steers_phi_and_interpolates(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = runs.get("domain_budget")
+    budget = json.loads((run.out / "alora_general_eval.json").read_text())["budget"]
+    steps = len(train_logs(run.log))
+    assert budget["mechanism"] == "both" and len(budget["phi_trajectory"]) == steps and budget["phi_final"] != 1.0
+    logged = [e["alora_phi"] for e in train_logs(run.log)]
+    assert logged[0] == 1.0 and logged[1:] == pytest.approx([phi for _, phi in budget["phi_trajectory"][:-1]], rel=1e-3)
+    assert 0 <= budget["alpha"] <= 1 and "forgetting budget (keep 90% of the general stage's gain, by both)" in run.log
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(runs.model)), str(run.out / "alora_interpolated"))

@@ -56,7 +56,8 @@ def runs(tmp_path_factory):
         nu = {"learning_rate": 0.05, "lora_model_dir": str(r.out("G")), "alora_importance_path": str(r.out("G") / FILE), "alora_phi": PHI0,
               "alora_general_eval": str(r.general), "alora_general_eval_samples": SAMPLES}
         steer = {**nu, "alora_budget_by": "phi", "alora_general_eval_steps": 1}
-        r.submit("D_tight", r.domain, after=["G"], **steer, alora_keep=1.0)
+        saving = {"save_strategy": "steps", "save_steps": 3}
+        r.submit("D_tight", r.domain, after=["G"], **steer, alora_keep=1.0, **saving)
         r.submit("D_loose", r.domain, after=["G"], **steer, alora_keep=0.01)
         r.submit("D_none", r.domain, after=["G"], **nu)
         r.submit("D_interp", r.domain, after=["G"], **nu, alora_keep=0.8)
@@ -70,14 +71,11 @@ def runs(tmp_path_factory):
         # plain LoRA continuing ν's adapter, no importance file: ΔW_ref is lora_model_dir's adapter
         r.submit("L_keep", r.domain, after=["G"], **{k: v for k, v in nu.items() if k not in ("alora_importance_path", "alora_phi")},
                  alora_keep=0.8)
-        r.submit("L_plain", r.domain, after=["G"], **{k: v for k, v in nu.items() if k not in ("alora_importance_path", "alora_phi")})
         ddp = {"micro_batch_size": 2, "env": {"ACCELERATE_USE_CPU": "true"},
                "launcher": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "axolotl.cli.train"],
                "plugins": ["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin", "scaffold_plugins.PhiPerRankPlugin"]}
         r.submit("D_ddp", r.domain, after=["G"], **steer, alora_keep=1.0, **ddp)
-        # interrupted after step 3 (its checkpoint saved), then resumed
-        saving = {"save_strategy": "steps", "save_steps": 3}
-        r.submit("D_full", r.domain, after=["G"], **steer, alora_keep=1.0, **saving)
+        # D_tight interrupted after step 3 (its checkpoint saved), then resumed
         r.submit("D_stop", r.domain, after=["G"], **steer, alora_keep=1.0, **saving, env={"ALORA_TEST_STOP_AT": "3"},
                  plugins=["axolotl_alora.AloraPlugin", "scaffold_plugins.StopAtStepPlugin"])
         r.submit("D_resume", r.domain, after=["D_stop"], **steer, alora_keep=1.0, **saving, output_dir=str(r.out("D_stop")),
@@ -107,7 +105,8 @@ def test_a_tight_budget_raises_phi_and_a_loose_one_lowers_it(runs):
         assert b["alpha"] is None and not (runs.get("D_tight").out / "alora_interpolated").exists()
     assert tight["phi_final"] > PHI0 and loose["phi_final"] < PHI0
     phis = _logged(runs.get("D_tight"), "alora_phi")
-    assert len(phis) == 6 and phis[0] == PHI0 and phis[-1] > PHI0  # logged at every logging step, beside alora_reg_ratio
+    # logged at every logging step, beside alora_reg_ratio: the φ that step's penalty used (updated after each scoring)
+    assert phis == pytest.approx([PHI0] + [phi for _, phi in tight["phi_trajectory"][:-1]], rel=1e-3) and phis[-1] > PHI0
     assert "forgetting budget (keep 100% of the general stage's gain, by phi)" in runs.get("D_tight").log
 
 
@@ -169,10 +168,9 @@ def test_the_interpolated_adapter_continues_through_lora_model_dir(runs, tmp_pat
     train(cfg, tmp_path / "next.yml")
 
 
-@pytest.mark.parametrize("budgeted,plain", [("D_interp", "D_none"), ("L_keep", "L_plain")])
-def test_interpolation_leaves_training_and_the_saved_adapter_bit_for_bit(runs, budgeted, plain):
+def test_interpolation_leaves_training_and_the_saved_adapter_bit_for_bit(runs):
     """output_dir holds the trained adapter, unmodified; the budget's keys change no step (φ is not steered)."""
-    a, b = runs.get(budgeted), runs.get(plain)
+    a, b = runs.get("D_interp"), runs.get("D_none")
     assert a.adapter().keys() == b.adapter().keys() and all(torch.equal(a.adapter()[k], b.adapter()[k]) for k in a.adapter())
     assert [e["loss"] for e in a.logs] == [e["loss"] for e in b.logs]
     assert not (b.out / "alora_interpolated").exists()
@@ -194,7 +192,7 @@ def test_two_ranks_hold_the_same_phi(runs):
 
 def test_resumption_restores_phi(runs):
     runs.get("D_resume")  # it finishes the interrupted run in D_stop's output_dir
-    full, resumed = _budget(runs.get("D_full")), _budget(runs.get("D_stop"))
+    full, resumed = _budget(runs.get("D_tight")), _budget(runs.get("D_stop"))
     saved = json.loads((runs.get("D_stop").out / "checkpoint-3" / "alora_budget.json").read_text())
     assert [[h["step"], h["phi"]] for h in saved["controller"]["history"]] == full["phi_trajectory"][:3]
     assert "restored the forgetting budget" in runs.get("D_resume").log
