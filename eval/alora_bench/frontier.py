@@ -177,6 +177,7 @@ def pilot(args, paths: Paths, scale: Scale, manager) -> dict:
     chosen = ok[0]["step"] if ok else steps[-1]
     domain_steps = 4 * round(chosen / 4)  # the lora run saves at 25/50/75/100% of its steps
     plan = {"general_steps": scale.general_steps, "pilot_step": chosen, "domain_steps": domain_steps, "learning_rate": lr,
+            "run_steps": args.pilot_steps,
             "criteria": {"max_kept": MAX_KEPT, "min_gain": MIN_GAIN}, "met": bool(ok), "base": base, "general": nu,
             "checkpoints": table, "seed": seed, "limit": args.pilot_limit, "task": PILOT_TASK, "sequence_len": scale.sequence_len}
     write_json(plan_path, plan)  # the latest pilot's plan is the frontier's
@@ -200,21 +201,25 @@ def write_pilot_md(path: Path, pilots: list[dict], plan: dict) -> None:
         f"Criteria: the general-loss gain kept ≤ {100 * plan['criteria']['max_kept']:.0f}% and SciQ-valid accuracy ≥ ν's + "
         f"{100 * plan['criteria']['min_gain']:.0f} points; the first checkpoint meeting both is the frontier's domain stage.",
         "",
-        "| point | learning rate | SciQ-valid acc | general loss | kept | gain over ν |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| base | – | {base['acc']:.3f} ± {base['acc_stderr']:.3f} | {base['general_loss']:.4f} | – | – |",
-        f"| ν (general stage) | – | {nu['acc']:.3f} ± {nu['acc_stderr']:.3f} | {nu['general_loss']:.4f} | 100% | – |",
+        "| point | learning rate | run length | SciQ-valid acc | general loss | kept | gain over ν |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| base | – | – | {base['acc']:.3f} ± {base['acc_stderr']:.3f} | {base['general_loss']:.4f} | – | – |",
+        f"| ν (general stage) | – | – | {nu['acc']:.3f} ± {nu['acc_stderr']:.3f} | {nu['general_loss']:.4f} | 100% | – |",
     ]
     for pilot_plan in pilots:
         for row in pilot_plan["checkpoints"]:
-            lines.append(f"| LoRA(ν+μ) step {row['step']} | {pilot_plan['learning_rate']:g} | {row['acc']:.3f} ± {row['acc_stderr']:.3f} | "
-                         f"{row['general_loss']:.4f} | {100 * row['kept']:.0f}% | {100 * row['gain']:+.1f} |")
+            end = "(end)" if row["step"] == pilot_plan.get("run_steps") else ""
+            lines.append(f"| LoRA(ν+μ) step {row['step']} {end} | {pilot_plan['learning_rate']:g} | {pilot_plan.get('run_steps', '?')} | "
+                         f"{row['acc']:.3f} ± {row['acc_stderr']:.3f} | {row['general_loss']:.4f} | {100 * row['kept']:.0f}% | {100 * row['gain']:+.1f} |")
     verdict = (f"Chosen: **{plan['domain_steps']} domain steps at learning rate {plan['learning_rate']:g}** (checkpoint {plan['pilot_step']}, "
                "rounded to a multiple of 4)." if plan["met"] else
                f"At learning rate {plan['learning_rate']:g} no checkpoint met both criteria; the longest ({plan['domain_steps']} steps) is taken "
                "for now: a pilot at a higher --learning-rate is the next step.")
-    lines += ["", verdict + " A checkpoint of a longer cosine schedule has seen a higher learning rate than the end of a run of "
-              "that length, so a run of the chosen length forgets somewhat less than its row shows.", ""]
+    full = plan.get("run_steps") == plan["pilot_step"]
+    lines += ["", verdict + (" It is the end of a full run of that length, as the frontier trains it." if full else
+                             " A checkpoint of a longer cosine schedule has seen a higher learning rate than the end of a run of "
+                             "that length, so a run of the chosen length forgets less than its row shows: check it with a pilot of "
+                             "that length (`--pilot-steps N --pilot-every N`)."), ""]
     path.write_text("\n".join(lines))
 
 
