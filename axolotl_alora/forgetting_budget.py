@@ -15,6 +15,7 @@ steers, and the report sample, scored only at the start (base, ν) and at the en
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -94,16 +95,16 @@ class BudgetRun:
     def start(self, control, report, args, state) -> None:
         """`control`/`report`: GeneralScores (base, ν) on each sample; on resume the checkpoint's state wins."""
         restored = self._restored(args, state) if state.global_step > 0 else None
-        if restored is not None:
-            self.target, self.scale = restored["target"], restored["scale"]
+        if restored is not None:  # the start points of the run that began it (a resumed lora_model_dir run has no ν to score)
             self.control_points, self.report_points = restored["control"], restored["report"]
         else:
-            self.target, self.scale = budget_loss(control.base, control.reference, keep=self.spec.keep, max_rise=self.spec.max_rise)
             self.control_points = {"base": control.base, "reference": control.reference}
             self.report_points = {"base": report.base, "reference": report.reference}
+        self.target, self.scale = budget_loss(self.control_points["base"], self.control_points["reference"], keep=self.spec.keep,
+                                              max_rise=self.spec.max_rise)
         if self.spec.steers_phi:
             if restored is not None and restored.get("controller"):
-                self.controller = PhiController.from_state(restored["controller"])
+                self.controller = PhiController.from_state({**restored["controller"], "target": self.target, "scale": self.scale})
             else:
                 self.controller = PhiController(self.trainer.alora_phi, self.target, self.scale)
             self.trainer.alora_phi = self.controller.phi
@@ -181,7 +182,7 @@ class BudgetRun:
         swappable = swappable_references(regularizer)
         if swappable is not None:
             modules = {id(m.A): m for m in swappable[0]}
-            model.add_adapter(REFERENCE_ADAPTER, model.peft_config[end])
+            model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[end]))
             with torch.no_grad():
                 for layer in model.modules():
                     for A_of, B_of in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):

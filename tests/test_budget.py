@@ -59,3 +59,38 @@ def test_largest_alpha_meets_the_budget_by_bisection():
     assert alpha == pytest.approx(0.5, abs=2**-8) and loss(alpha) <= 2.75 and len(scored) == 9
     assert largest_alpha(loss, 3.5)[0] == 1.0  # the end adapter meets it: no interpolation
     assert largest_alpha(loss, 2.0)[0] == 0.0  # not even ν meets it
+
+
+def test_a_budget_run_saves_and_restores_phi_and_its_start_points(tmp_path):
+    """What a checkpoint's alora_budget.json carries: φ's controller and the start points, so a resumed run (which
+    may not be able to score ν again) steers on as before; a changed budget is recomputed from the same points."""
+    from types import SimpleNamespace
+
+    from axolotl_alora.forgetting_budget import BUDGET_STATE, BudgetRun, BudgetSpec
+    from axolotl_alora.general_eval import GeneralScores
+
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    trainer = SimpleNamespace(alora_phi=0.5)
+    run = BudgetRun(BudgetSpec("phi", keep=0.8), trainer, report=None, output_dir=str(tmp_path))
+    run.start(GeneralScores(BASE, NU), GeneralScores(3.1, 2.4), args, SimpleNamespace(global_step=0, is_world_process_zero=True))
+    assert run.target == pytest.approx(2.6) and trainer.alora_phi == 0.5
+    run.after_score(2.9, 1)  # far above the budget: φ grows
+    assert trainer.alora_phi == pytest.approx(0.5 * MAX_FACTOR)
+    run.save(tmp_path / "checkpoint-1")
+
+    resumed_trainer = SimpleNamespace(alora_phi=0.5)  # alora_phi from the YAML again
+    resumed = BudgetRun(BudgetSpec("phi", keep=0.8), resumed_trainer, report=None, output_dir=str(tmp_path))
+    resumed.start(GeneralScores(BASE, None), GeneralScores(3.1, None), args, SimpleNamespace(global_step=1, is_world_process_zero=True))
+    assert resumed_trainer.alora_phi == pytest.approx(0.5 * MAX_FACTOR) and resumed.phi_start == 0.5
+    assert resumed.control_points == {"base": BASE, "reference": NU} and resumed.report_points == {"base": 3.1, "reference": 2.4}
+    assert resumed.controller.history == run.controller.history
+
+    looser = BudgetRun(BudgetSpec("phi", keep=0.5), SimpleNamespace(alora_phi=0.5), report=None, output_dir=str(tmp_path))
+    looser.start(GeneralScores(BASE, None), GeneralScores(3.1, None), args, SimpleNamespace(global_step=1, is_world_process_zero=True))
+    assert looser.target == looser.controller.target == pytest.approx(2.75)
+
+    (tmp_path / "checkpoint-1" / BUDGET_STATE).unlink()  # a checkpoint from a run without a budget: start afresh
+    fresh_trainer = SimpleNamespace(alora_phi=0.5)
+    fresh = BudgetRun(BudgetSpec("phi", keep=0.8), fresh_trainer, report=None, output_dir=str(tmp_path))
+    fresh.start(GeneralScores(BASE, NU), GeneralScores(3.1, 2.4), args, SimpleNamespace(global_step=1, is_world_process_zero=True))
+    assert fresh_trainer.alora_phi == 0.5 and fresh.controller.history == []
