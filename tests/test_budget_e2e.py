@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
         ddp = {"micro_batch_size": 2, "env": {"ACCELERATE_USE_CPU": "true"},
                "launcher": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "axolotl.cli.train"],
                "plugins": ["scaffold_plugins.CpuDdpPlugin", "axolotl_alora.AloraPlugin", "scaffold_plugins.PhiPerRankPlugin"]}
-        r.submit("D_ddp", r.domain, after=["G"], **steer, alora_keep=1.0, **ddp)
+        r.submit("D_ddp", r.domain, after=["G"], **{**steer, "alora_budget_by": "both"}, alora_keep=0.9, **ddp)
         # D_tight interrupted after step 3 (its checkpoint saved), then resumed
         r.submit("D_stop", r.domain, after=["G"], **steer, alora_keep=1.0, **saving, env={"ALORA_TEST_STOP_AT": "3"},
                  plugins=["axolotl_alora.AloraPlugin", "scaffold_plugins.StopAtStepPlugin"])
@@ -195,6 +195,10 @@ def test_two_ranks_hold_the_same_phi(runs):
     assert len(ranks[0]) == 6 and ranks[0] == ranks[1]
     assert ranks[0][-1][1] != PHI0, "φ was steered"
     assert ranks[0][-1][1] == _budget(run)["phi_final"]
+    # then both ranks scored the candidates α together, and rank 0 wrote the adapter
+    budget = _budget(run)
+    control, _ = _control_and_report(runs)
+    assert _loss(runs, run.out / "alora_interpolated", control) == pytest.approx(budget["control"]["chosen"], rel=1e-5)
 
 
 def test_resumption_restores_phi(runs):

@@ -162,3 +162,13 @@ def test_budget_table_compares_with_the_best_fixed_knob_at_the_same_loss(tmp_pat
     assert accuracy_at_loss(lora, 2.75) is None
     table = "\n".join(budget_table([base, nu, *lora, *alora, run], base, nu))
     assert "| interpolation | 0.5 | – | 0.6 | 52% | 50% | 77.0 ± 2.0 | 74.0 (ALoRA) |" in table
+
+
+def test_lora_curves_start_at_nu():
+    """No domain step is ν itself: LoRA(ν+μ)'s steps and learning-rate curves include it, so the matched-accuracy
+    levels between ν and its first checkpoint are inside the curve."""
+    nu = _point("general", None, 0.62, 2.5)
+    points = [nu, _point("lora", 0.25, 0.80, 2.9), _point("lora", 1.0, 0.82, 3.0), _point("lora_lr", 0.1, 0.7, 2.6)]
+    assert [p["knob"] for p in curve(points, "lora")] == [0.0, 0.25, 1.0]
+    assert at_accuracy(curve(points, "lora"), 0.71) == pytest.approx(2.7)
+    assert [p["knob"] for p in curve(points, "lora_lr")] == [0.0, 0.1, 1.0]

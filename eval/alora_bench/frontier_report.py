@@ -49,6 +49,9 @@ def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") ->
     if method == "lora_lr":
         end = find(points, "lora", seed, task, 1.0)
         found = found + ([{**end, "knob": 1.0}] if end else [])
+    if method in ("lora", "lora_lr") and found:  # no domain step (or a learning rate of 0) is ν itself
+        nu = find(points, "general", seed, task)
+        found = ([{**nu, "knob": 0.0}] if nu else []) + found
     return found
 
 
@@ -253,7 +256,8 @@ def write_report(results: Path) -> Path:
                   "General loss (and ν's gain kept) each method reaches at three accuracy levels fixed before any method but "
                   f"LoRA(ν+μ) was read: ν + {', '.join(f'{s:g}' for s in LEVEL_SHARES)} × (LoRA(ν+μ)'s end − ν). Linear between the two "
                   "points of a method's curve that bracket the level; \"outside its curve\" where no pair does. WiSE-FT's curves "
-                  "include their exact ends (α 0 = ν, α 1 = the end adapter); the learning-rate curve includes the full-rate run.", ""]
+                  "include their exact ends (α 0 = ν, α 1 = the end adapter); LoRA(ν+μ)'s curves include ν (no domain step, or a "
+                  "learning rate of 0) and the learning-rate curve the full-rate run.", ""]
         lines += summary(points, lv, base, nu) + [""]
     lines += ["![frontier](frontier.png)", "", "## Every point (seed 0)", ""]
     lines += method_tables(points, base, nu)
