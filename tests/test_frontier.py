@@ -172,3 +172,4 @@ def test_lora_curves_start_at_nu():
     assert [p["knob"] for p in curve(points, "lora")] == [0.0, 0.25, 1.0]
     assert at_accuracy(curve(points, "lora"), 0.71) == pytest.approx(2.7)
     assert [p["knob"] for p in curve(points, "lora_lr")] == [0.0, 0.1, 1.0]
+    assert curve([nu, _point("lora", 1.0, 0.82, 3.0)], "lora_lr") == []  # anchors alone are not a curve

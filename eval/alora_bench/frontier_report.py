@@ -42,14 +42,16 @@ def kept(point: dict, base: dict, nu: dict) -> float | None:
 def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") -> list[dict]:
     """The method's points at one seed and task, in knob order; WiSE-FT with ν (α 0) and its end point (α 1)."""
     found = sorted((p for p in points if (p["method"], p["seed"], p["task"]) == (method, seed, task)), key=lambda p: p["knob"])
-    if method in ANCHORED and found:
+    if not found:
+        return []  # a method's curve needs a point of its own; the anchors below are shared
+    if method in ANCHORED:
         nu = find(points, "general", seed, task)
         end = find(points, "lora", seed, task, 1.0) if method == "wise_lora" else find(points, "alora", seed, task, found[0].get("end_knob"))
         found = ([{**nu, "knob": 0.0}] if nu else []) + found + ([{**end, "knob": 1.0}] if end else [])
     if method == "lora_lr":
         end = find(points, "lora", seed, task, 1.0)
         found = found + ([{**end, "knob": 1.0}] if end else [])
-    if method in ("lora", "lora_lr") and found:  # no domain step (or a learning rate of 0) is ν itself
+    if method in ("lora", "lora_lr"):  # no domain step (or a learning rate of 0) is ν itself
         nu = find(points, "general", seed, task)
         found = ([{**nu, "knob": 0.0}] if nu else []) + found
     return found
