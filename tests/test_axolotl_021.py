@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from e2e import Runs, train_logs
+from e2e import RAW_OMEGA, Runs, train_logs
 
 AXOLOTL = tuple(int(p) for p in version("axolotl").split(".")[:2])
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(AXOLOTL < (0, 21), reason="Axolotl 0.21's plugin discovery and seeded LoRA init")]
@@ -37,6 +37,7 @@ AUDITED = ["axolotl_alora.AloraPlugin", "scaffold_plugins.AuditPlugin"]
 def runs(tmp_path_factory):
     with cf.ThreadPoolExecutor(max_workers=3) as pool:
         r = Runs(tmp_path_factory.mktemp("axolotl021"), pool, launcher=PROBE, seed=SEED)
+        r.importance_defaults = RAW_OMEGA
         # no alora_ key, no `plugins:` line: with the package's entry point, and hidden as if not installed
         r.submit("plain", r.general, plugins=None)
         r.submit("plain_hidden", r.general, plugins=None, env=HIDDEN)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2e import Runs
+from e2e import RAW_OMEGA, Runs
 
 pytestmark = pytest.mark.e2e
 FILE = "alora_importance.safetensors"
@@ -47,6 +47,7 @@ DDP_ENV = {"ACCELERATE_USE_CPU": "true"}  # else accelerate picks DistributedTyp
 def runs(tmp_path_factory):
     with cf.ThreadPoolExecutor(max_workers=3) as pool:
         r = Runs(tmp_path_factory.mktemp("e2e"), pool)
+        r.importance_defaults = RAW_OMEGA
         r.init = _init_adapter(r.model, r.root / "init")
         gen, dom = r.general, r.domain
         saving = {"save_strategy": "steps", "save_steps": 2}

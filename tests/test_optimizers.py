@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from e2e import base_config, train, train_logs
+from e2e import RAW_OMEGA, base_config, train, train_logs
 from tiny import build_tiny_llama, write_text_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
         out = root / optimizer
         cfg = base_config(
             model, domain_data, out, root / f"prep_{optimizer}", optimizer=optimizer, lora_model_dir=str(general),
-            alora_importance_path=str(general / FILE), alora_phi=PHI, alora_record_importance=True,
+            alora_importance_path=str(general / FILE), alora_phi=PHI, alora_record_importance=True, **RAW_OMEGA,
             micro_batch_size=2, gradient_accumulation_steps=GA, max_steps=STEPS, learning_rate=0.01, warmup_steps=0,
             plugins=["axolotl_alora.AloraPlugin", "scaffold_plugins.AuditPlugin"],
         )

@@ -97,6 +97,8 @@ def _number(v):
 
 
 IMPORTANCE_FILE = "alora_importance.safetensors"
+# Ω as recorded and τ = 1 (the paper's scale), for the runs whose φ was set for it (φ = 3e5 on a tiny model's raw Ω)
+RAW_OMEGA = {"alora_importance_normalization": "none", "alora_softmax_temperature": 1.0}
 
 
 @dataclass
@@ -146,7 +148,12 @@ class Runs:
         self.general = write_text_jsonl(root / "general.jsonl", 48, seed=1, tokenizer_dir=self.model)
         self.domain = write_text_jsonl(root / "domain.jsonl", 48, seed=2, tokenizer_dir=self.model)
 
+    importance_defaults: dict = {}  # overrides for every run that reads an importance file (RAW_OMEGA: the paper's scale)
+
     def submit(self, name, data, after=(), launcher=None, env=None, check=True, **overrides):
+        if "alora_importance_path" in overrides:
+            overrides = {**self.importance_defaults, **overrides}
+
         def job():
             for dep in after:
                 self.get(dep)
