@@ -1,6 +1,6 @@
 """axolotl-alora: ALoRA (arXiv 2501.13669) as an Axolotl plugin. Enable with `plugins: [axolotl_alora.AloraPlugin]`."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["AloraPlugin", "__version__"]
 
 

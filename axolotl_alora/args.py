@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-DEFAULT_PHI = 1e-3
+DEFAULT_PHI = 3.0  # ALoRA's φ at the forgetting frontier's middle accuracy level (docs/FRONTIER.md)
+PAPER = {"alora_phi": 1e-3, "alora_importance_normalization": "none", "alora_softmax_temperature": 1.0}  # the paper's values
 # what a key left out (or null) means; alora_phi's applies when alora_importance_path is set
 DEFAULTS = {
     "alora_record_importance": False,
@@ -22,8 +23,8 @@ DEFAULTS = {
     "alora_phi": DEFAULT_PHI,
     "alora_xi": 0.1,
     "alora_layer_weighting": "softmax",
-    "alora_softmax_temperature": 1.0,
-    "alora_importance_normalization": "none",
+    "alora_softmax_temperature": "auto",
+    "alora_importance_normalization": "mean",
     "alora_importance_dtype": "float32",
     "alora_importance_form": "dense",
     "alora_shard_importance": True,
@@ -60,7 +61,8 @@ class AloraArgs(BaseModel):
     )
     alora_phi: float | None = Field(
         default=None,
-        json_schema_extra=_described(f"Regularization strength phi (eq. 18); {DEFAULT_PHI} (the paper's) when alora_importance_path is set."),
+        json_schema_extra=_described(f"Regularization strength phi (eq. 18); {DEFAULT_PHI} on mean-normalized Omega when "
+                                     "alora_importance_path is set (the paper's 1e-3 on raw Omega does nothing at small scale)."),
     )
     alora_xi: float | None = Field(default=None, gt=0, json_schema_extra=_described(
         "xi in Omega = omega / (Delta^2 + xi) (eq. 15); Zenke et al.'s 0.1.", "alora_xi"))
@@ -69,7 +71,7 @@ class AloraArgs(BaseModel):
     alora_softmax_temperature: float | Literal["auto"] | None = Field(default=None, json_schema_extra=_described(
         "tau in softmax(n_l / tau); 'auto' sets tau = mean_l n_l.", "alora_softmax_temperature"))
     alora_importance_normalization: Literal["none", "mean"] | None = Field(default=None, json_schema_extra=_described(
-        "none (paper) or mean: divide Omega by its mean over all elements, so phi is comparable across runs.", "alora_importance_normalization"))
+        "mean: divide Omega by its mean over all elements, so phi is comparable across runs; none: as recorded (the paper).", "alora_importance_normalization"))
     alora_importance_dtype: Literal["float32", "bfloat16"] | None = Field(default=None, json_schema_extra=_described(
         "dtype of Omega in the written file (general stage) and in memory (domain stage); "
         "omega is accumulated and every penalty block computed in float32.", "alora_importance_dtype"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
-from .args import IMPORTANCE_FILENAME, setting
+from .args import IMPORTANCE_FILENAME, PAPER, setting
 from .importance_file import ImportanceFile, base_metadata, check_base_model, check_modules_match, read_importance_file
 from .lora import adapted_modules, base_fingerprint, full_parameters
 from .regularizer import Regularizer, build_regularizer
@@ -99,6 +99,11 @@ class AloraPlugin(BasePlugin):
             LOG.info("ALoRA: rank %d holds Ω of %d modules, %d elements (%.1f MB, %s)", data_parallel()[0], len(held), sum(stored),
                      1e-6 * sum(n * o.element_size() for n, o in zip(stored, held)), setting(cfg, "alora_importance_dtype"))
             LOG.info("ALoRA: phi %g", float(setting(cfg, "alora_phi")))
+            defaulted = [k for k in PAPER if cfg.get(k) is None]
+            if defaulted:
+                LOG.info("ALoRA: defaults in use: %s (changed in 0.2.0 from the paper's %s, which did nothing at small scale; "
+                         "set those keys to the paper's values to get them back)",
+                         ", ".join(f"{k}={setting(cfg, k)}" for k in defaulted), ", ".join(f"{k}={PAPER[k]}" for k in defaulted))
         if cfg.alora_record_importance:
             from .callbacks import ImportanceRecorder
 

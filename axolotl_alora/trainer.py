@@ -73,7 +73,7 @@ class AloraTrainer(AxolotlTrainer):
             if max_ratio < NO_EFFECT_RATIO:
                 LOG.warning(
                     "ALoRA: the regularizer had no effect; raise alora_phi. φ·L_reg/L_task never exceeded %.3g "
-                    "(max %.3g, alora_phi=%g); see README 'Choosing φ' or set alora_importance_normalization: mean.",
+                    "(max %.3g, alora_phi=%g); see README 'Choosing φ', or set a forgetting budget (alora_keep).",
                     NO_EFFECT_RATIO, max_ratio, self.alora_phi,
                 )
             else:

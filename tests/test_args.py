@@ -27,13 +27,14 @@ def test_no_alora_key_leaves_the_plugin_inert(tmp_path):
     assert set(AloraArgs.model_validate({"adapter": "lora", "lora_r": 8}).model_dump().values()) == {None}
 
 
-def test_defaults_are_the_papers_and_applied_where_used(tmp_path):
+def test_defaults_are_the_frontiers_and_applied_where_used(tmp_path):
     from axolotl_alora.args import DEFAULTS, AloraArgs, setting
 
     cfg = _validate(tmp_path, alora_importance_path=str(tmp_path / "f.safetensors"))
     assert cfg.alora_phi is None and cfg.alora_xi is None
-    assert setting(cfg, "alora_phi") == 1e-3 and setting(cfg, "alora_xi") == 0.1 and setting(cfg, "alora_layer_weighting") == "softmax"
-    assert setting(cfg, "alora_softmax_temperature") == 1.0 and setting(cfg, "alora_importance_normalization") == "none"
+    # φ, normalization and τ: the settings the forgetting frontier supports (docs/FRONTIER.md), not the paper's
+    assert setting(cfg, "alora_phi") == 3.0 and setting(cfg, "alora_xi") == 0.1 and setting(cfg, "alora_layer_weighting") == "softmax"
+    assert setting(cfg, "alora_softmax_temperature") == "auto" and setting(cfg, "alora_importance_normalization") == "mean"
     assert setting(cfg, "alora_importance_dtype") == "float32" and setting(cfg, "alora_importance_form") == "dense"
     assert setting(cfg, "alora_shard_importance") is True and setting(cfg, "alora_general_eval_samples") == 256
     assert setting({"alora_xi": 0.5}, "alora_xi") == 0.5
@@ -122,7 +123,8 @@ def test_every_problem_in_one_error(tmp_path):
     {"alora_record_importance": False},
     {"alora_record_importance": False, "adapter": None},  # inert: no adapter needed either
     {"alora_xi": 0.1, "alora_shard_importance": True, "alora_importance_dtype": "float32", "alora_general_eval_samples": 256},
-    {"alora_allow_base_model_mismatch": False, "alora_layer_weighting": "softmax", "alora_softmax_temperature": 1},
+    {"alora_allow_base_model_mismatch": False, "alora_layer_weighting": "softmax", "alora_softmax_temperature": "auto",
+     "alora_importance_normalization": "mean", "alora_budget_by": "interpolation"},
 ])
 def test_keys_at_their_defaults_are_inert_not_errors(tmp_path, overrides):
     from axolotl_alora.args import keys_in_use

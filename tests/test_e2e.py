@@ -78,6 +78,9 @@ def runs(tmp_path_factory):
         r.submit("D_chain", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=0.0, alora_record_importance=True)
         r.submit("D_rec", dom, after=after, **from_general, alora_record_importance=True)
         r.submit("D_alora", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI)
+        # only the importance file: the defaults (φ, mean normalization, τ auto) must give an active penalty
+        r.submit("D_defaults", dom, after=after, **from_general, alora_importance_path=general_file, alora_importance_normalization=None,
+                 alora_softmax_temperature=None)
         r.submit("D_ga", dom, after=after, **from_general, alora_importance_path=general_file, alora_phi=PHI,
                  micro_batch_size=1, gradient_accumulation_steps=4, **watch)
         # two ranks reading the two-rank general stage's shards: each holding its share of Ω (the default), and each the
@@ -171,6 +174,14 @@ def test_domain_stage_logs_reg_loss_zero_first_then_positive(runs):
     assert reg[0] == 0.0  # continuing the general adapter: θ = θ^ν at the first step
     assert reg[-1] > 0 and ratio[-1] > 0
     assert _distance(run.adapter(), runs.get("D_plain").adapter()) > 0
+
+
+def test_a_config_with_only_the_importance_file_gets_an_active_penalty(runs):
+    run = runs.get("D_defaults")
+    assert "defaults in use: alora_phi=3.0, alora_importance_normalization=mean, alora_softmax_temperature=auto" in run.log
+    ratios = [e["alora_reg_ratio"] for e in run.logs]
+    assert ratios[0] == 0.0 and max(ratios) > 1e-4 and "the regularizer had no effect" not in run.log
+    assert not _same(run.adapter(), runs.get("D_plain").adapter())
 
 
 def test_phi_has_the_same_effect_for_any_accumulation_split(runs):
