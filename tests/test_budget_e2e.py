@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from e2e import Runs
+from e2e import RAW_OMEGA, Runs
 from tiny import pretrain
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +50,7 @@ def _narrow_text(path, model_dir, n=48, tokens=20):
 def runs(tmp_path_factory):
     with cf.ThreadPoolExecutor(max_workers=3) as pool:
         r = Runs(tmp_path_factory.mktemp("budget"), pool, max_steps=6)
+        r.importance_defaults = RAW_OMEGA  # φ's start (1) is set for raw Ω on this model
         r.domain = _narrow_text(r.root / "narrow.jsonl", r.model)
         init = _init_adapter(r.model, r.root / "init")
         r.submit("G", r.general, lora_model_dir=str(init), alora_record_importance=True)
