@@ -100,6 +100,10 @@ class BudgetRun:
         else:
             self.control_points = {"base": control.base, "reference": control.reference}
             self.report_points = {"base": report.base, "reference": report.reference}
+        if self.spec.keep is not None and self.control_points["reference"] is None:
+            raise ValueError("ALoRA: alora_keep needs ν's general-text loss, but this run has no ν adapter to score: the importance "
+                             "file's reference adapter has another LoRA shape than this run's (lora_r, lora_target_modules) and no "
+                             "lora_model_dir is set. Match the general stage's LoRA settings, or use alora_max_general_loss_rise.")
         self.target, self.scale = budget_loss(self.control_points["base"], self.control_points["reference"], keep=self.spec.keep,
                                               max_rise=self.spec.max_rise)
         if self.spec.steers_phi:

@@ -94,3 +94,15 @@ def test_a_budget_run_saves_and_restores_phi_and_its_start_points(tmp_path):
     fresh = BudgetRun(BudgetSpec("phi", keep=0.8), fresh_trainer, report=None, output_dir=str(tmp_path))
     fresh.start(GeneralScores(BASE, NU), GeneralScores(3.1, 2.4), args, SimpleNamespace(global_step=1, is_world_process_zero=True))
     assert fresh_trainer.alora_phi == 0.5 and fresh.controller.history == []
+
+
+def test_keep_without_a_nu_to_score_says_why():
+    from types import SimpleNamespace
+
+    from axolotl_alora.forgetting_budget import BudgetRun, BudgetSpec
+    from axolotl_alora.general_eval import GeneralScores
+
+    run = BudgetRun(BudgetSpec("interpolation", keep=0.8), SimpleNamespace(alora_phi=1.0), report=None, output_dir=None)
+    with pytest.raises(ValueError, match="another LoRA shape than this run's .* or use alora_max_general_loss_rise"):
+        run.start(GeneralScores(BASE, None), GeneralScores(3.1, None), SimpleNamespace(output_dir="."),
+                  SimpleNamespace(global_step=0, is_world_process_zero=True))
