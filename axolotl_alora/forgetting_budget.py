@@ -182,22 +182,20 @@ class BudgetRun:
     def _add_reference(self, model, end: str, regularizer) -> str | None:
         """ΔW_ref as adapter REFERENCE_ADAPTER: the importance file's θ^ν, else lora_model_dir's adapter; None: ΔW_ref = 0."""
         from .general_eval import swappable_references
+        from .lora import adapted_modules
 
         swappable = swappable_references(regularizer)
         if swappable is not None:
-            modules = {id(m.A): m for m in swappable[0]}
+            by_name = {m.name: m for m in swappable[0]}
             model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[end]))
-            with torch.no_grad():
-                for layer in model.modules():
-                    for A_of, B_of in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-                        factors = getattr(layer, A_of, None)
-                        if factors is None or end not in factors:
-                            continue
-                        live = factors[end]
-                        m = modules[id(getattr(live, "weight", live))]
-                        for which, value in ((A_of, m.A_ref), (B_of, m.B_ref)):
-                            target = getattr(layer, which)[REFERENCE_ADAPTER]
-                            getattr(target, "weight", target).copy_(value)
+            model.set_adapter(REFERENCE_ADAPTER)  # adapted_modules finds the active adapter's factors
+            try:
+                with torch.no_grad():
+                    for m in adapted_modules(model):
+                        m.A.copy_(by_name[m.name].A_ref)
+                        m.B.copy_(by_name[m.name].B_ref)
+            finally:
+                model.set_adapter(end)
             return REFERENCE_ADAPTER
         if self.reference_dir:
             model.load_adapter(str(self.reference_dir), adapter_name=REFERENCE_ADAPTER)
@@ -206,11 +204,11 @@ class BudgetRun:
         return None
 
     # -- what it did ------------------------------------------------------------------------------------------
-    def kept(self, points: dict, key: str) -> float | None:
-        base, reference, now = points.get("base"), points.get("reference"), points.get(key)
-        if now is None or reference is None or not base - reference > 0:
-            return None
-        return (base - now) / (base - reference)
+    @staticmethod
+    def kept(points: dict, key: str) -> float | None:
+        from .general_eval import GeneralScores
+
+        return GeneralScores(points["base"], points["reference"]).kept(points[key]) if key in points else None
 
     def summary(self) -> dict:
         report_key = "chosen" if "chosen" in self.report_points else "end"

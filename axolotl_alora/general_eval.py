@@ -77,9 +77,9 @@ def _dataset_documents(entry: dict) -> list[str]:
     return documents
 
 
-def sample_sequences(documents: list[str], tokenizer, sequence_len: int, samples: int, seed: int) -> Tensor:
-    """`samples` distinct windows of `sequence_len` tokens (or all there are, if fewer) from the documents joined
-    with EOS and cut into consecutive windows, chosen by `seed`: a samples×sequence_len LongTensor."""
+def token_windows(documents: list[str], tokenizer, sequence_len: int) -> Tensor:
+    """The documents joined with EOS and cut into consecutive windows of `sequence_len` tokens: a windows×sequence_len
+    LongTensor (the tail shorter than a window is dropped)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for text in documents:
@@ -89,12 +89,22 @@ def sample_sequences(documents: list[str], tokenizer, sequence_len: int, samples
         raise GeneralEvalError(
             f"alora_general_eval: the text has {len(ids)} tokens, fewer than one sequence of sequence_len={sequence_len}; give more text."
         )
-    chosen = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
-    if windows < samples:
+    return torch.tensor(ids[: windows * sequence_len], dtype=torch.long).view(windows, sequence_len)
+
+
+def chosen_windows(windows: int, samples: int, seed: int) -> Tensor:
+    """The indices of the `samples` windows (of `windows`) that `seed` draws, in order."""
+    return torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+
+
+def sample_sequences(documents: list[str], tokenizer, sequence_len: int, samples: int, seed: int) -> Tensor:
+    """`samples` distinct windows of `sequence_len` tokens (or all there are, if fewer) from the documents joined
+    with EOS and cut into consecutive windows, chosen by `seed`: a samples×sequence_len LongTensor."""
+    table = token_windows(documents, tokenizer, sequence_len)
+    if len(table) < samples:
         LOG.warning("ALoRA: alora_general_eval has %d sequences of %d tokens, fewer than alora_general_eval_samples=%d; scoring all of them",
-                    windows, sequence_len, samples)
-    table = torch.tensor(ids[: windows * sequence_len], dtype=torch.long).view(windows, sequence_len)
-    return table[chosen]
+                    len(table), sequence_len, samples)
+    return table[chosen_windows(len(table), samples, seed)]
 
 
 # -- scoring -----------------------------------------------------------------------------------------------
@@ -227,12 +237,15 @@ class GeneralEvalCallback(TrainerCallback):
         if self.budget is not None:
             self.budget.after_score(self.last, step)
             if final and not self.budget.finished:
-                self.budget.finish(model, lambda sequences: self._score(model, sequences), self.last, self.regularizer)
+                self._finish_budget(model)
                 if self.budget.alpha is not None:
                     logs["alora_alpha"] = self.budget.alpha
         should_log = control.should_log
         self.trainer.log(logs)
         control.should_log = should_log  # Trainer.log clears it: the step's own log entry must still happen
+
+    def _finish_budget(self, model) -> None:
+        self.budget.finish(model, lambda sequences: self._score(model, sequences), self.last, self.regularizer)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self._log_now(model, state.global_step, control, final=bool(state.max_steps) and state.global_step >= state.max_steps)
@@ -253,7 +266,7 @@ class GeneralEvalCallback(TrainerCallback):
         if self.last is None or self.last_step != state.global_step:  # stopped early, before any score of its last step
             self._log_now(model, state.global_step, control, final=True)
         elif self.budget is not None and not self.budget.finished:
-            self.budget.finish(model, lambda sequences: self._score(model, sequences), self.last, self.regularizer)
+            self._finish_budget(model)
         if state.is_world_process_zero:
             LOG.info(self.scores.verdict(self.last))
             if self.budget is not None:

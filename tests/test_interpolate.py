@@ -1,15 +1,14 @@
 """WiSE-FT between adapters (axolotl_alora/interpolate.py) against ΔW computed from the saved files alone."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from axolotl_alora.interpolate import interpolate_adapters
 
+from e2e import adapter_deltas
 from tiny import build_tiny_llama, pretrain, write_text_jsonl
 
 
@@ -36,15 +35,6 @@ def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: in
     return out
 
 
-def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """s·B·A per module, from the saved files and adapter_config.json alone (s = α/r, or α/√r with rsLoRA)."""
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
-            for k in tensors if k.endswith("lora_A.weight")}
-
-
 @pytest.mark.parametrize("ref_r,ref_rslora,end_r,end_rslora", [(4, False, 4, False), (2, False, 8, True), (8, True, 2, False), (4, True, 4, True)])
 def test_interpolated_adapter_is_the_formula(tmp_path, base, ref_r, ref_rslora, end_r, end_rslora):
     """ΔW(α) = (1 − α)·ΔW_ref + α·ΔW_end to float precision, as one adapter of rank r_ref + r_end that plain peft
@@ -56,7 +46,7 @@ def test_interpolated_adapter_is_the_formula(tmp_path, base, ref_r, ref_rslora, 
     end = _adapter(base, tmp_path / "end", end_r, 16, end_rslora, seed=2)
     alpha = 0.3
     interpolate_adapters(base, ref, end, alpha, tmp_path / "wise")
-    got, a, b = _deltas(tmp_path / "wise"), _deltas(ref), _deltas(end)
+    got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
     assert set(got) == set(a) == set(b) and len(got) == 4
     for name in got:
         torch.testing.assert_close(got[name], (1 - alpha) * a[name] + alpha * b[name], rtol=1e-5, atol=1e-7)
@@ -67,7 +57,7 @@ def test_interpolated_adapter_is_the_formula(tmp_path, base, ref_r, ref_rslora, 
 def test_no_reference_is_a_zero_delta(tmp_path, base):
     end = _adapter(base, tmp_path / "end", 4, 8, True, seed=3)
     interpolate_adapters(base, None, end, 0.25, tmp_path / "wise")
-    got, b = _deltas(tmp_path / "wise"), _deltas(end)
+    got, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(end)
     for name in got:
         torch.testing.assert_close(got[name], 0.25 * b[name], rtol=1e-5, atol=1e-7)
 
@@ -90,8 +80,8 @@ def test_alora_interpolate_finds_the_largest_alpha_within_a_rise_budget(tmp_path
     assert 0 < alpha < 1 and scored[alpha] <= summary["target_loss"] == pytest.approx(summary["control"]["base"] + rise / 3)
     assert min(v for a, v in scored.items() if a > alpha) > summary["target_loss"]  # the next α scored above it broke the budget
     assert min(a for a in scored if a > alpha) - alpha <= 2**-6
-    for name, d in _deltas(tmp_path / "wise").items():
-        torch.testing.assert_close(d, alpha * _deltas(end)[name], rtol=1e-5, atol=1e-7)
+    for name, d in adapter_deltas(tmp_path / "wise").items():
+        torch.testing.assert_close(d, alpha * adapter_deltas(end)[name], rtol=1e-5, atol=1e-7)
     assert summary["report"]["chosen"] != scored[alpha]  # reported on the other sample
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 import upstream
-from e2e import train, train_logs
+from e2e import adapter_deltas, train, train_logs
 from tiny import write_text_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -267,19 +267,10 @@ def test_the_budget_interpolates_in_the_users_configs(runs, config):
     alpha = budget["alpha"]
     assert 0 <= alpha <= 1 and budget["control"]["chosen"] <= budget["target"] + 1e-6
     assert "'alora_alpha'" in domain.log  # logged at the end, like the other metrics
-    ref, end, got = (_deltas(run_dir) for run_dir in (general.out, domain.out, domain.out / "alora_interpolated"))
+    ref, end, got = (adapter_deltas(run_dir) for run_dir in (general.out, domain.out, domain.out / "alora_interpolated"))
     assert got.keys() == end.keys() == ref.keys() and got
     for name in got:
         torch.testing.assert_close(got[name], (1 - alpha) * ref[name] + alpha * end[name], rtol=1e-4, atol=1e-6)
-
-
-def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """s·B·A per module, from the saved files and adapter_config.json alone."""
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
-            for k in tensors if k.endswith(".lora_A.weight")}
 
 
 # ---------------------------------------------------------------------------------------------- B

@@ -333,19 +333,14 @@ class Frontier:
         out = self.paths.work / "budget_general.jsonl"
         if out.is_file():
             return out
-        import torch
         from transformers import AutoTokenizer
 
-        from axolotl_alora.general_eval import read_documents
+        from axolotl_alora.general_eval import chosen_windows, read_documents, token_windows
 
         tokenizer = AutoTokenizer.from_pretrained(str(self.paths.base))
-        ids: list[int] = []
-        for text in read_documents(self.paths.data / "general_heldout.jsonl"):
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        length = self.scale.sequence_len
-        windows = len(ids) // length
-        yardstick = set(torch.randperm(windows, generator=torch.Generator().manual_seed(GENERAL_SAMPLE_SEED))[:GENERAL_SAMPLES].tolist())
-        rows = [tokenizer.decode(ids[w * length:(w + 1) * length], skip_special_tokens=True) for w in range(windows) if w not in yardstick]
+        table = token_windows(read_documents(self.paths.data / "general_heldout.jsonl"), tokenizer, self.scale.sequence_len)
+        yardstick = set(chosen_windows(len(table), GENERAL_SAMPLES, GENERAL_SAMPLE_SEED).tolist())
+        rows = [tokenizer.decode(window, skip_special_tokens=True) for w, window in enumerate(table.tolist()) if w not in yardstick]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))

@@ -57,28 +57,27 @@ def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") ->
     return found
 
 
-def at_accuracy(points: list[dict], level: float) -> float | None:
-    """General loss at `level` accuracy, linear between the two points of the curve (sorted by accuracy) that bracket it."""
-    ordered = sorted(points, key=lambda p: p["acc"])
+def along(points: list[dict], given: str, value: float, wanted: str, tie) -> float | None:
+    """`wanted` at `given` = `value` on the curve, linear between the two points (sorted by `given`) that bracket it;
+    None outside the curve (no extrapolation). `tie` picks between two points at the same `given`."""
+    ordered = sorted(points, key=lambda p: p[given])
     for a, b in zip(ordered, ordered[1:]):
-        if a["acc"] <= level <= b["acc"]:
-            if b["acc"] == a["acc"]:
-                return min(a["general_loss"], b["general_loss"])
-            t = (level - a["acc"]) / (b["acc"] - a["acc"])
-            return a["general_loss"] + t * (b["general_loss"] - a["general_loss"])
+        if a[given] <= value <= b[given]:
+            if b[given] == a[given]:
+                return tie(a[wanted], b[wanted])
+            t = (value - a[given]) / (b[given] - a[given])
+            return a[wanted] + t * (b[wanted] - a[wanted])
     return None
+
+
+def at_accuracy(points: list[dict], level: float) -> float | None:
+    """General loss at `level` accuracy (the lower of two points at the same accuracy)."""
+    return along(points, "acc", level, "general_loss", min)
 
 
 def accuracy_at_loss(points: list[dict], loss: float) -> float | None:
-    """Accuracy at general loss `loss`, linear between the two points of the curve (sorted by loss) that bracket it."""
-    ordered = sorted(points, key=lambda p: p["general_loss"])
-    for a, b in zip(ordered, ordered[1:]):
-        if a["general_loss"] <= loss <= b["general_loss"]:
-            if b["general_loss"] == a["general_loss"]:
-                return max(a["acc"], b["acc"])
-            t = (loss - a["general_loss"]) / (b["general_loss"] - a["general_loss"])
-            return a["acc"] + t * (b["acc"] - a["acc"])
-    return None
+    """Accuracy at general loss `loss` (the higher of two points at the same loss)."""
+    return along(points, "general_loss", loss, "acc", max)
 
 
 def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:

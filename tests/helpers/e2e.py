@@ -76,6 +76,21 @@ def train(cfg: dict, cfg_path: Path, launcher: list[str] | None = None, check: b
     return proc
 
 
+def adapter_deltas(adapter: Path) -> dict:
+    """s·B·A per module (float64), from a saved adapter's files and adapter_config.json alone (s = α/r, or α/√r with
+    rsLoRA): an independent view of what peft applies."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
+            for k in tensors if k.endswith("lora_A.weight")}
+
+
 def train_logs(text: str) -> list[dict]:
     """The per-step dicts the Trainer prints ({'loss': '5.9', ...}), values as floats where they are numbers."""
     import ast
