@@ -35,9 +35,25 @@ def add_interpolation(model, ref: str | None, end: str, alpha: float, name: str 
         model.add_weighted_adapter(adapters, weights, name, combination_type="cat")
     finally:
         model.peft_config[adapters[0]] = first
+    _refill_at_adapter_precision(model, adapters, weights, name)
     check_interpolation(model, ref, end, alpha, name)
     model.set_adapter(name)
     return name
+
+
+@torch.no_grad()
+def _refill_at_adapter_precision(model, adapters: list[str], weights: list[float], name: str) -> None:
+    """peft gives the new adapter the base layer's dtype, so on an fp16 or bf16 base its factors would be rounded to
+    16 bits. Redo peft's "cat" fill in the adapters' own precision (at least float32)."""
+    for layer in model.modules():
+        if not hasattr(layer, "lora_A") or name not in layer.lora_A:
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+        dtype = torch.promote_types(layer.lora_A[present[-1][0]].weight.dtype, torch.float32)
+        A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].weight.to(dtype) for a, w in present])
+        B = torch.cat([layer.lora_B[a].weight.to(dtype) for a, _ in present], dim=1)
+        layer.lora_A[name].to(dtype).weight.zero_()[: len(A)] = A
+        layer.lora_B[name].to(dtype).weight.zero_()[:, : B.shape[1]] = B
 
 
 def delta(layer, name: str) -> torch.Tensor:

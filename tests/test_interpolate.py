@@ -54,6 +54,26 @@ def test_interpolated_adapter_is_the_formula(tmp_path, base, ref_r, ref_rslora, 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "wise"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_base_keeps_the_adapters_precision(tmp_path, base, dtype):
+    """During an fp16 or bf16 run the base layers are 16-bit and the adapters float32. peft gives a new adapter the
+    base layer's dtype, which would round the interpolated factors; they must stay float32 and the formula exact."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_alora.interpolate import INTERPOLATED, add_interpolation, save_adapter
+
+    ref, end = _adapter(base, tmp_path / "ref", 4, 8, False, seed=1), _adapter(base, tmp_path / "end", 4, 16, False, seed=2)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(end), adapter_name="end")
+    model.load_adapter(str(ref), adapter_name="ref")
+    add_interpolation(model, "ref", "end", 0.6)
+    assert {p.dtype for n, p in model.named_parameters() if INTERPOLATED in n} == {torch.float32}
+    save_adapter(model, INTERPOLATED, tmp_path / "wise")
+    got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
+    for name in got:
+        torch.testing.assert_close(got[name], 0.4 * a[name] + 0.6 * b[name], rtol=1e-5, atol=1e-7)
+
+
 def test_no_reference_is_a_zero_delta(tmp_path, base):
     end = _adapter(base, tmp_path / "end", 4, 8, True, seed=3)
     interpolate_adapters(base, None, end, 0.25, tmp_path / "wise")
