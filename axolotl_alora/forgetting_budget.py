@@ -33,6 +33,7 @@ LOG = logging.getLogger("axolotl.alora")
 BUDGET_STATE = "alora_budget.json"
 REFERENCE_ADAPTER = "alora_reference"
 CANDIDATE_ADAPTER = "alora_candidate"
+SLACK = 0.1  # a run more than this share of the budget's scale below it, with α = 1, says how to use the margin
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,22 @@ class BudgetRun:
                 "adapter": str(Path(self.output_dir) / INTERPOLATED) if self.alpha is not None and self.output_dir else None,
                 "report_sample": report_key, "report_kept_share": self.kept(self.report_points, report_key),
                 "report_rise_over_base": self.report_points[report_key] - self.report_points["base"] if report_key in self.report_points else None}
+
+    def slack_note(self) -> str | None:
+        """With interpolation alone, α can only hold the run back; a run that already kept far more than asked (α = 1)
+        gave up domain learning it did not need to. Say how to trade that margin back."""
+        if self.spec.mechanism != "interpolation" or self.alpha != 1.0 or self.target is None:
+            return None
+        margin = (self.target - self.control_points["end"]) / self.scale
+        if margin <= SLACK:
+            return None
+        end, base = self.control_points["end"], self.control_points["base"]
+        if self.spec.keep is not None:
+            met = f"kept {100 * self.kept(self.control_points, 'end'):.0f}% of the gain on the control sample, {100 * self.spec.keep:g}% asked"
+        else:
+            met = f"rose {end - base:+.4f} nats over the base on the control sample, {self.spec.max_rise:g} allowed"
+        return (f"ALoRA: the run met the forgetting budget with room to spare ({met}), and interpolation can only hold a run "
+                "back. To trade that margin for domain learning, let the budget steer φ down (alora_budget_by: both), or lower alora_phi.")
 
     def verdict(self) -> str:
         parts = [f"ALoRA: forgetting budget ({self.spec.describe()}, by {self.spec.mechanism})"]

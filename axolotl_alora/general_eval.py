@@ -271,6 +271,8 @@ class GeneralEvalCallback(TrainerCallback):
             LOG.info(self.scores.verdict(self.last))
             if self.budget is not None:
                 LOG.info(self.budget.verdict())
+                if self.budget.slack_note():
+                    LOG.warning(self.budget.slack_note())
             if self.output_dir:
                 write_json_atomically(Path(self.output_dir) / GENERAL_EVAL_FILENAME, self.summary())
 

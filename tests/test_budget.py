@@ -106,3 +106,36 @@ def test_keep_without_a_nu_to_score_says_why():
     with pytest.raises(ValueError, match="another LoRA shape than this run's .* or use alora_max_general_loss_rise"):
         run.start(GeneralScores(BASE, None), GeneralScores(3.1, None), SimpleNamespace(output_dir="."),
                   SimpleNamespace(global_step=0, is_world_process_zero=True))
+
+
+@pytest.mark.parametrize("mechanism,end,alpha,warns", [
+    ("interpolation", 2.55, 1.0, True),    # kept 90% of the gain against a budget of 50%: α can only hold back
+    ("interpolation", 2.74, 1.0, False),   # just under the budget: nothing to trade
+    ("interpolation", 2.9, 0.4, False),    # the budget held the run back
+    ("both", 2.55, 1.0, False),            # φ was steered already
+])
+def test_interpolation_alone_says_how_to_use_a_large_margin(mechanism, end, alpha, warns):
+    from types import SimpleNamespace
+
+    from axolotl_alora.forgetting_budget import BudgetRun, BudgetSpec
+    from axolotl_alora.general_eval import GeneralScores
+
+    run = BudgetRun(BudgetSpec(mechanism, keep=0.5), SimpleNamespace(alora_phi=1.0), report=None, output_dir=None)
+    run.start(GeneralScores(BASE, NU), GeneralScores(3.1, 2.4), SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0, is_world_process_zero=True))
+    run.control_points["end"], run.alpha = end, alpha
+    note = run.slack_note()
+    assert (note is not None) == warns
+    if warns:
+        assert "kept 90% of the gain on the control sample, 50% asked" in note and "alora_budget_by: both" in note
+
+
+def test_the_margin_of_a_rise_budget_is_said_in_nats():
+    from types import SimpleNamespace
+
+    from axolotl_alora.forgetting_budget import BudgetRun, BudgetSpec
+    from axolotl_alora.general_eval import GeneralScores
+
+    run = BudgetRun(BudgetSpec("interpolation", max_rise=0.1), SimpleNamespace(alora_phi=1.0), report=None, output_dir=None)
+    run.start(GeneralScores(BASE, None), GeneralScores(3.1, None), SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0, is_world_process_zero=True))
+    run.control_points["end"], run.alpha = BASE + 0.02, 1.0
+    assert "rose +0.0200 nats over the base on the control sample, 0.1 allowed" in run.slack_note()
