@@ -160,8 +160,12 @@ def test_budget_table_compares_with_the_best_fixed_knob_at_the_same_loss(tmp_pat
            "budget": {"phi_start": 0.3, "phi_trajectory": None, "alpha": 0.6, "report_kept_share": 0.52}}
     assert accuracy_at_loss(alora, 2.775) == pytest.approx(0.75)
     assert accuracy_at_loss(lora, 2.75) is None
-    table = "\n".join(budget_table([base, nu, *lora, *alora, run], base, nu))
-    assert "| interpolation | 0.5 | – | 0.6 | 52% | 50% | 77.0 ± 2.0 | 74.0 (ALoRA) |" in table
+    missed = {**_point("budget_phi", 0.8, 0.60, 2.6), "budget": {"phi_start": 0.3, "phi_trajectory": [[1, 1.2]], "alpha": None,
+                                                                 "report_kept_share": 0.95}}
+    table = "\n".join(budget_table([base, nu, *lora, *alora, run, missed], base, nu))
+    assert "| interpolation | 0.5 | – | 0.6 | 52% | 50% | 77.0 ± 2.0 | 74.0 (ALoRA) | yes | yes |" in table
+    # kept 95% against 80% asked; 60% against 64.7% on LoRA(ν+μ)'s curve (from ν at 2.5 to 0.70 at 2.8) at loss 2.6
+    assert "| φ steered | 0.8 | 0.3 → 1.2 | – | 95% | 80% | 60.0 ± 2.0 | 64.7 (LoRA(ν+μ), steps) | no | no |" in table
 
 
 def test_lora_curves_start_at_nu():

@@ -82,12 +82,14 @@ def accuracy_at_loss(points: list[dict], loss: float) -> float | None:
 
 def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:
     """Each budget run: the share it was asked to keep, what it kept (on the plugin's report sample and on the
-    frontier's own sample), its accuracy, and the best fixed-knob method's accuracy at the same general loss."""
+    frontier's own sample), its accuracy, and the best fixed-knob method's accuracy at the same general loss; then
+    the two criteria: kept share on the report sample within 10 points of the target, accuracy no more than one
+    standard error below the best fixed knob's."""
     rows = sorted((p for p in points if p["method"] in BUDGET and (p["seed"], p["task"]) == (0, "sciq")), key=lambda p: (p["method"], p["knob"]))
     if not rows:
         return []
     lines = ["| mechanism | keep | φ start → end | α | kept, report sample | kept, frontier sample | SciQ acc % ± s.e. | "
-             "best fixed knob at that loss |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "best fixed knob at that loss | share within 10 points | accuracy within 1 s.e. |", "|---|---:|---:|---:|---:|---:|---:|---|:-:|:-:|"]
     for p in rows:
         b = p.get("budget") or {}
         trajectory = b.get("phi_trajectory") or []
@@ -100,7 +102,9 @@ def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:
         lines.append(f"| {METHODS[p['method']].label.removeprefix('Budget: ')} | {p['knob']:g} | {phi} | {_f(b.get('alpha'), '.3g')} | "
                      f"{_f(report and 100 * report, '.0f')}{'%' if report is not None else ''} | {_f(share and 100 * share, '.0f')}"
                      f"{'%' if share is not None else ''} | {100 * p['acc']:.1f} ± {100 * p['acc_stderr']:.1f} | "
-                     f"{f'{100 * best[0]:.1f} ({best[1]})' if best else 'outside every curve'} |")
+                     f"{f'{100 * best[0]:.1f} ({best[1]})' if best else 'outside every curve'} | "
+                     f"{_mark(report is not None and abs(report - p['knob']) <= 0.10)} | "
+                     f"{_mark(best[0] - p['acc'] <= p['acc_stderr']) if best else '–'} |")
     return lines
 
 
@@ -109,6 +113,10 @@ def levels(points: list[dict], plan: dict) -> list[float] | None:
         return plan["levels"]
     nu, end = find(points, "general"), find(points, "lora", knob=1.0)
     return [nu["acc"] + s * (end["acc"] - nu["acc"]) for s in LEVEL_SHARES] if nu and end else None
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 def _f(x, fmt: str) -> str:
