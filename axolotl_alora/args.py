@@ -33,7 +33,7 @@ DEFAULTS = {
     "alora_allow_base_model_mismatch": False,
     "alora_keep": None,
     "alora_max_general_loss_rise": None,
-    "alora_budget_by": "interpolation",
+    "alora_budget_by": "both with alora_importance_path, else interpolation",  # setting() resolves it per config
     "alora_general_eval_steps": None,
 }
 BUDGET_KEYS = ("alora_keep", "alora_max_general_loss_rise")
@@ -119,13 +119,22 @@ class AloraArgs(BaseModel):
 def setting(cfg, key: str):
     """`cfg`'s value for the alora_ key `key`, or its default (DEFAULTS) when the config leaves it out."""
     value = cfg.get(key)
-    return DEFAULTS[key] if value is None else value
+    return default(cfg, key) if value is None else value
+
+
+def default(cfg, key: str):
+    """The value the plugin uses for `key` when `cfg` leaves it out. The budget's mechanism depends on the run: φ can
+    only be steered with an importance file; with one, steering φ meets the budget from either side (it gives back
+    forgetting the budget allows for domain learning, which interpolation cannot), and α then holds the end to it."""
+    if key == "alora_budget_by":
+        return "both" if cfg.get("alora_importance_path") else "interpolation"
+    return DEFAULTS[key]
 
 
 def keys_in_use(cfg) -> dict:
     """The alora_ keys `cfg` sets to something other than their default: a key at its default changes nothing.
     alora_phi counts whatever its value, since it does nothing without alora_importance_path."""
-    return {k: v for k, v in cfg.items() if k in DEFAULTS and v is not None and (k == "alora_phi" or v != DEFAULTS[k])}
+    return {k: v for k, v in cfg.items() if k in DEFAULTS and v is not None and (k == "alora_phi" or v != default(cfg, k))}
 
 
 def unknown_keys(cfg, known=()) -> list[str]:

@@ -137,3 +137,15 @@ def test_keys_at_their_defaults_are_inert_not_errors(tmp_path, overrides):
 def test_phi_at_its_default_without_a_file_is_still_an_error(tmp_path):
     with pytest.raises(ValueError, match="alora_importance_path is not"):
         _validate(tmp_path, alora_phi=1e-3)
+
+
+def test_the_budget_steers_phi_then_interpolates_by_default_when_it_can():
+    """With an importance file the default is both (φ steered, then α); without one, φ cannot be steered."""
+    from axolotl_alora.args import keys_in_use, setting
+
+    with_file = {"alora_importance_path": "x.safetensors", "alora_general_eval": "g.jsonl", "alora_keep": 0.8}
+    assert setting(with_file, "alora_budget_by") == "both"
+    assert setting({**with_file, "alora_budget_by": "phi"}, "alora_budget_by") == "phi"
+    assert setting({"alora_general_eval": "g.jsonl", "alora_max_general_loss_rise": 0.1}, "alora_budget_by") == "interpolation"
+    assert "alora_budget_by" not in keys_in_use({**with_file, "alora_budget_by": "both"})
+    assert keys_in_use({**with_file, "alora_budget_by": "interpolation"})["alora_budget_by"] == "interpolation"

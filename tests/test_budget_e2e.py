@@ -61,9 +61,10 @@ def runs(tmp_path_factory):
         r.submit("D_tight", r.domain, after=["G"], **steer, alora_keep=1.0, **saving)
         r.submit("D_loose", r.domain, after=["G"], **steer, alora_keep=0.01)
         r.submit("D_none", r.domain, after=["G"], **nu)
-        r.submit("D_interp", r.domain, after=["G"], **nu, alora_keep=0.8)
-        # both mechanisms where users train: fp16 (16-bit base layers, float32 adapters) and Axolotl's default fused AdamW
-        r.submit("D_both", r.domain, after=["G"], **{**steer, "alora_budget_by": "both"}, alora_keep=0.8, use_tensorboard=True,
+        r.submit("D_interp", r.domain, after=["G"], **nu, alora_keep=0.8, alora_budget_by="interpolation")
+        # the default mechanism with an importance file (both), where users train: fp16 (16-bit base layers, float32
+        # adapters) and Axolotl's default fused AdamW
+        r.submit("D_both", r.domain, after=["G"], **{k: v for k, v in steer.items() if k != "alora_budget_by"}, alora_keep=0.8, use_tensorboard=True,
                  fp16=True, optimizer="adamw_torch_fused")
         # no general stage: the budget is a rise over the base model, ΔW_ref = 0; on a model that knows the general text
         # (training the random one on anything lowers its loss on any text)
@@ -179,7 +180,7 @@ def test_interpolation_leaves_training_and_the_saved_adapter_bit_for_bit(runs):
     assert not (b.out / "alora_interpolated").exists()
 
 
-def test_phi_then_interpolation_in_fp16_and_both_reach_tensorboard(runs):
+def test_by_default_phi_then_interpolation_in_fp16_and_both_reach_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = runs.get("D_both")

@@ -26,8 +26,14 @@ def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
     assert "ALoRA: regularizing" in (work / "logs" / "domain-alora.log").read_text()
     plain = (work / "logs" / "domain-lora.log").read_text()
     assert "ALoRA: regularizing" not in plain and "of the general stage's gain kept" in plain  # it only watches the general loss
-    for run in ("general", "domain-alora", "domain-lora"):
-        assert json.loads((work / "runs" / run / "alora_general_eval.json").read_text())["sequences"] == 64
+    watched = {run: json.loads((work / "runs" / run / "alora_general_eval.json").read_text()) for run in ("general", "domain-alora", "domain-lora")}
+    # 64 each: the ALoRA run draws 128 and scores half as its budget's control sample
+    assert {run: w["sequences"] for run, w in watched.items()} == {"general": 64, "domain-alora": 64, "domain-lora": 64}
+    # the ALoRA example's forgetting budget: φ steered from its start, then α; the row evaluates the budgeted adapter
+    budget = watched["domain-alora"]["budget"]
+    assert budget["mechanism"] == "both" and budget["keep"] == 0.8 and budget["phi_start"] == 3.0 and watched["domain-lora"]["budget"] is None
+    assert (work / "runs" / "domain-alora" / "alora_interpolated" / "adapter_config.json").is_file()
+    assert "alora_interpolated" in str(json.loads((work / "eval" / "domain-alora.json").read_text()).get("config"))
     text = report.read_text()
     for row in ("| base |", "| general (ν) |", "| ALoRA (ν→μ) |", "| LoRA (ν+μ) |"):
         assert row in text
@@ -36,3 +42,4 @@ def test_main_job_runs_the_whole_workflow(tiny_model_dir, tmp_path):
     column = header.index("General held-out, in training, token PPL ↓ (kept)")
     assert base_row[column] == "–" and "%)" not in general_row[column] and "%)" in alora_row[column] and "%)" in lora_row[column]
     assert "scale: general 2 steps" in proc.stdout
+    assert "forgetting budget (keep 80% of the general stage's gain, by both): φ 3 →" in text

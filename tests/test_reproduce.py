@@ -229,3 +229,23 @@ def test_a_method_beyond_the_paper_is_paired_with_dense_alora(tmp_path):
     # WikiText-2 +1 and +2 (mean +1.50 ± 0.71, lower on 0 seeds); accuracy +1 and −3 points (−1.0 ± 2.8, higher on 1)
     assert row.startswith("| ALoRA factored | +1.50 ± 0.71 (0 of 2 lower) |") and row.endswith("| -1.0 ± 2.8 (1 of 2 higher) |")
     assert "| ALoRA factored |" not in (tmp_path / "table2.md").read_text()
+
+
+def test_fixed_knob_runs_drop_the_examples_forgetting_budget(tmp_path):
+    """The ALoRA example sets a budget; the sweep, grid and frontier measure fixed knobs, so its keys go there, and
+    only the main job's run (budget=True) keeps them, with the run's φ as the start."""
+    from alora_bench.frontier import domain_config as frontier_config
+
+    example = yaml.safe_load((REPO / "examples" / "smollm2-cpu" / "domain-alora.yml").read_text())
+    assert example["alora_keep"] == 0.8 and "alora_phi" not in example  # the example names a budget, not a φ
+    paths, scale = reproduce.Paths(tmp_path, tmp_path / "results", None), reproduce.Scale(2, 2, 2, 64, 2, 1, 128, 2, 32, "cpu")
+    fixed = reproduce.Run(reproduce.BY_NAME["alora"], "sciq", 0, 0.3, "mean")
+    cfg = reproduce.domain_config(fixed, paths, scale)
+    assert cfg["alora_phi"] == 0.3 and not {"alora_keep", "alora_budget_by", "alora_max_general_loss_rise"} & set(cfg)
+    budgeted = reproduce.domain_config(reproduce.Run(reproduce.BY_NAME["alora"], "sciq", 0, 3.0, "mean", budget=True), paths, scale)
+    assert budgeted["alora_keep"] == 0.8 and budgeted["alora_phi"] == 3.0
+    assert "alora_keep" not in frontier_config("domain-alora", paths, scale, 0, "sciq", tmp_path / "out", 4, 1e-3)
+    (tmp_path / "run" / "alora_interpolated").mkdir(parents=True)
+    assert reproduce.budgeted(tmp_path / "run") == tmp_path / "run"  # no adapter written there
+    (tmp_path / "run" / "alora_interpolated" / "adapter_config.json").write_text("{}")
+    assert reproduce.budgeted(tmp_path / "run") == tmp_path / "run" / "alora_interpolated"

@@ -108,7 +108,7 @@ def runs(tmp_path_factory, tiny_model_dir):
         # the φ > 0 domain stages also watch the general-text loss, at the config's own evaluations, under a forgetting
         # budget met by interpolation (which changes no training step)
         watch = {"alora_general_eval": str(write_text_jsonl(root / "watch.jsonl", 100, seed=5, tokenizer_dir=tiny_model_dir, tokens=40)),
-                 "alora_general_eval_samples": WATCH_SAMPLES, "alora_max_general_loss_rise": 0.01}
+                 "alora_general_eval_samples": WATCH_SAMPLES, "alora_max_general_loss_rise": 0.01, "alora_budget_by": "interpolation"}
         stages = []
         for config in CONFIGS:
             up, stem = upstream.load(config), _stem(config)

@@ -227,8 +227,9 @@ def write_pilot_md(path: Path, pilots: list[dict], plan: dict) -> None:
 
 
 def domain_config(example: str, paths: Paths, scale: Scale, seed: int, task: str, out: Path, steps: int, lr: float) -> dict:
-    """An examples/smollm2-cpu/ domain config with this run's paths, seed, steps and learning rate."""
-    cfg = reproduce.example(example, paths, scale, seed, out)
+    """An examples/smollm2-cpu/ domain config with this run's paths, seed, steps and learning rate, without the
+    example's forgetting budget (the budget points set their own)."""
+    cfg = reproduce.without_budget(reproduce.example(example, paths, scale, seed, out))
     cfg["datasets"][0]["path"] = str(paths.data / f"{task}_train.jsonl")
     cfg.update(max_steps=steps, learning_rate=lr)
     if "lora_model_dir" in cfg:

@@ -87,13 +87,16 @@ def scale_of(args) -> reproduce.Scale:
 
 
 def grid_runs(phi: float | None) -> list[reproduce.Run]:
-    """Base, the general adapter, and the two domain stages, on the examples' seed and penalty."""
+    """Base, the general adapter, and the two domain stages, on the examples' seed and penalty: the ALoRA example's
+    forgetting budget, φ its start; with `phi`, that fixed φ and no budget."""
+    from axolotl_alora.args import setting
+
     example = yaml.safe_load((EXAMPLES / "domain-alora.yml").read_text())
     seed = int(example["seed"])
-    alora_phi = phi if phi is not None else float(example["alora_phi"])
+    alora_phi = phi if phi is not None else float(setting(example, "alora_phi"))
     method = reproduce.BY_NAME
     return [reproduce.Run(method["base"], TASK, seed), reproduce.Run(method["general"], TASK, seed),
-            reproduce.Run(method["alora"], TASK, seed, alora_phi, example["alora_importance_normalization"]),
+            reproduce.Run(method["alora"], TASK, seed, alora_phi, setting(example, "alora_importance_normalization"), budget=phi is None),
             reproduce.Run(method["lora_nu_mu"], TASK, seed)]
 
 
@@ -149,11 +152,32 @@ def main(argv=None) -> int:
 
 
 def reg_summary(work: Path) -> str:
-    """The domain-alora run's last logged alora_reg_loss / alora_reg_ratio."""
+    """The domain-alora run's last logged alora_reg_loss / alora_reg_ratio / alora_phi, and what its budget did."""
     last = runs.last_train_log(work / "logs" / "domain-alora.log")
     if not last:
-        return "no training log found"
-    return f"last logged alora_reg_loss {last.get('alora_reg_loss')}, alora_reg_ratio (φ·L_reg/L_task) {last.get('alora_reg_ratio')}"
+        return "no training log found" + budget_summary(work / "runs" / "domain-alora")
+    text = (f"last logged alora_reg_loss {last.get('alora_reg_loss')}, alora_reg_ratio (φ·L_reg/L_task) {last.get('alora_reg_ratio')}, "
+            f"alora_phi {last.get('alora_phi')}")
+    return text + budget_summary(work / "runs" / "domain-alora")
+
+
+def _g(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def budget_summary(run_dir: Path) -> str:
+    """The forgetting budget's outcome from the run's alora_general_eval.json ('' without a budget)."""
+    from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
+
+    path = run_dir / GENERAL_EVAL_FILENAME
+    budget = json.loads(path.read_text()).get("budget") if path.is_file() else None
+    if not budget:
+        return ""
+    phi = budget.get("phi_trajectory") or []
+    kept = budget.get("report_kept_share")
+    return (f"; forgetting budget ({budget['budget']}, by {budget['mechanism']}): φ {_g(budget.get('phi_start'))} → "
+            f"{f'{phi[-1][1]:.3g}' if phi else '–'}, α {_g(budget.get('alpha'))}, {'–' if kept is None else f'{100 * kept:.0f}%'} of the gain kept on "
+            "the report sample; the ALoRA row evaluates the budgeted adapter (alora_interpolated)")
 
 
 def general_eval_cost(work: Path, timings: dict) -> str:

@@ -26,6 +26,8 @@ import yaml
 
 from alora_bench import runs
 from alora_bench.runs import axolotl_train, last_train_log, run_logged
+from axolotl_alora.args import BUDGET_KEYS
+from axolotl_alora.interpolate import INTERPOLATED
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "smollm2-cpu"
@@ -92,6 +94,7 @@ class Run:
     seed: int
     phi: float | None = None
     normalization: str | None = None
+    budget: bool = False  # keep the example's forgetting budget (φ is its start); else its budget keys are removed
 
     @property
     def run_id(self) -> str:
@@ -214,7 +217,21 @@ def domain_config(run: Run, paths: Paths, scale: Scale) -> dict:
         cfg["alora_importance_path"] = str(paths.importance(run))
         cfg["alora_phi"] = run.phi
         cfg["alora_importance_normalization"] = run.normalization
+    if not run.budget:
+        without_budget(cfg)
     return cfg
+
+
+def without_budget(cfg: dict) -> dict:
+    """A fixed-knob run measures its knob: the example's forgetting budget (which would steer φ or interpolate) goes."""
+    for key in (*BUDGET_KEYS, "alora_budget_by", "alora_general_eval_steps"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def budgeted(run_dir: Path) -> Path:
+    """The adapter a run's user takes: the budget's interpolated adapter when the run wrote one, else the run's."""
+    return run_dir / INTERPOLATED if (run_dir / INTERPOLATED / "adapter_config.json").is_file() else run_dir
 
 
 def budget(cfg: dict, steps: int, scale: Scale) -> None:
@@ -260,7 +277,7 @@ def ensure_run(run: Run, paths: Paths, scale: Scale, manager, select: bool = Fal
     from alora_bench.evaluation.table import IN_TRAINING, in_training_result
 
     start = time.time()
-    results = evaluate_model(paths.base, adapter, tasks, manager, limits, scale.device, 8, scale.max_length or None)
+    results = evaluate_model(paths.base, adapter and budgeted(adapter), tasks, manager, limits, scale.device, 8, scale.max_length or None)
     watched = in_training_result(adapter) if adapter is not None else None
     if watched is not None:  # the plugin's general-text loss at the end of training, beside lm-eval's numbers
         results["results"][IN_TRAINING] = watched
