@@ -87,6 +87,19 @@ def check_config(cfg: dict, discovers: bool | None = None) -> tuple[list[str], l
     return errors, notes
 
 
+def budget_line(cfg) -> str | None:
+    """What the forgetting budget will do, the mechanism's default resolved; None without a budget."""
+    from .forgetting_budget import BudgetSpec
+
+    spec = BudgetSpec.from_cfg(cfg)
+    if spec is None:
+        return None
+    how = {"phi": "φ steered from alora_phi", "interpolation": "the largest α toward ν after training",
+           "both": "φ steered from alora_phi, then the largest α toward ν"}[spec.mechanism]
+    default = "" if cfg.get("alora_budget_by") else " (the default for this config)"
+    return f"forgetting budget: {spec.describe()}, by {spec.mechanism}{default}: {how}"
+
+
 def importance_file_finding(cfg: dict, path) -> tuple[str, str] | None:
     """("error" | "note", message) about the importance file at `path`, from its metadata alone; None when it is fine."""
     from .hub import is_hub_reference
@@ -187,6 +200,8 @@ def run(args) -> int:
     in_use = bool(keys_in_use(cfg))
     if not errors:
         print(f"{args.config}: ALoRA settings OK" if in_use else f"{args.config}: no alora_ keys in use (plain Axolotl run)")
+        if in_use and budget_line(cfg):
+            print(budget_line(cfg))
     if in_use and cfg.get("adapter") in ("lora", "qlora"):
         print_memory(cfg, args.model_config, [int(k) for k in str(args.ranks).split(",") if k.strip()])
     return 1 if errors else 0

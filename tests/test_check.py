@@ -254,3 +254,17 @@ def test_axolotl_alora_inspect(tmp_path):
     bad.write_text("nope")
     result = CliRunner().invoke(_axolotl_command("alora-inspect"), [str(bad)])
     assert result.exit_code == 2 and "alora inspect: error:" in result.output
+
+
+@pytest.mark.parametrize("extra,line", [
+    ({"alora_importance_path": "imp.safetensors", "alora_keep": 0.8},
+     "forgetting budget: keep 80% of the general stage's gain, by both (the default for this config): φ steered from alora_phi, then"),
+    ({"alora_max_general_loss_rise": 0.05},
+     "forgetting budget: a general-text loss at most 0.05 nats over the base model, by interpolation (the default for this config)"),
+    ({"alora_importance_path": "imp.safetensors", "alora_keep": 0.5, "alora_budget_by": "phi"},
+     "forgetting budget: keep 50% of the general stage's gain, by phi: φ steered from alora_phi"),
+])
+def test_says_how_the_budget_will_be_met(tmp_path, capsys, extra, line):
+    (tmp_path / "g.txt").write_text("general text " * 50)
+    assert main(["check", _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_general_eval=str(tmp_path / "g.txt"), **extra)]) == 0
+    assert line in capsys.readouterr().out
