@@ -147,6 +147,12 @@ def test_the_plugins_in_training_number_is_one_more_column(tmp_path):
     assert lines[0] == "| run | General held-out PPL ↓ | General held-out, in training, token PPL ↓ (kept) |"
     assert lines[2:4] == ["| base | 20.00 | – |", "| alora | 20.00 | 12.18 (75%) |"]
     assert "64 sequences of held-out general text" in lines[-1]
+    # a budget that interpolated: the budgeted adapter's loss on the control sample, which is the one evaluated
+    budget = {"control": {"base": 3.0, "reference": 2.0, "end": 2.5, "chosen": 2.2}}
+    (run_dir / "alora_general_eval.json").write_text(json.dumps({"final": 2.5, "final_ppl": 12.182, "kept_share": 0.5, "sequences": 64,
+                                                                  "budget": budget}))
+    got = in_training_result(run_dir)
+    assert got["loss,none"] == 2.2 and got["kept_share,none"] == pytest.approx(0.8) and got["token_perplexity,none"] == pytest.approx(9.025, abs=1e-3)
 
 
 def test_adapter_argument():

@@ -9,6 +9,7 @@ each with lm-eval's standard error where it reports one (it reports none for per
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 PPL_METRIC = "word_perplexity"
@@ -28,15 +29,21 @@ LABELS = {
 
 
 def in_training_result(run_dir: str | Path) -> dict | None:
-    """A run's `alora_general_eval.json` as an entry of its results: exp(final token loss) and the share kept."""
+    """A run's `alora_general_eval.json` as an entry of its results: exp(final token loss) and the share kept; for a
+    run whose forgetting budget interpolated, the budgeted adapter's (the one evaluated) on the same sample."""
     from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
 
     path = Path(run_dir) / GENERAL_EVAL_FILENAME
     if not path.is_file():
         return None
     watched = json.loads(path.read_text())
-    return {f"{TOKEN_PPL_METRIC},{FILTER}": watched["final_ppl"], f"loss,{FILTER}": watched["final"],
-            f"kept_share,{FILTER}": watched["kept_share"], "sequences": watched["sequences"]}
+    loss, kept = watched["final"], watched["kept_share"]
+    control = (watched.get("budget") or {}).get("control") or {}
+    if control.get("chosen") is not None:
+        loss, base, ref = control["chosen"], control["base"], control["reference"]
+        kept = (base - loss) / (base - ref) if ref is not None and base > ref else None
+    return {f"{TOKEN_PPL_METRIC},{FILTER}": math.exp(loss), f"loss,{FILTER}": loss, f"kept_share,{FILTER}": kept,
+            "sequences": watched["sequences"]}
 
 
 def _metric(task_result: dict) -> str | None:
