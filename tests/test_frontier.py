@@ -138,13 +138,16 @@ def test_budget_points_use_text_the_frontier_sample_never_reads(tmp_path, base):
     decoded_yardstick = {tokenizer.decode(list(w), skip_special_tokens=True) for w in yardstick}
     assert rows and not decoded_yardstick & set(rows)
     points = frontier.budget_points()
-    assert {(p.method, p.knob) for p in points} == {(m, k) for m in ("budget_interpolation", "budget_phi", "budget_both") for k in (0.5, 0.8)}
+    assert {(p.method, p.knob) for p in points} == {(m, k) for m in ("budget_interpolation", "budget_phi", "budget_both", "budget_lora") for k in (0.5, 0.8)}
     (frontier.paths.general(0)).mkdir(parents=True, exist_ok=True)
     from unittest import mock
 
     with mock.patch("alora_bench.reproduce.ensure_general", return_value=frontier.paths.general(0)), \
-            mock.patch("alora_bench.frontier.domain_config", return_value={"datasets": [{}]}):
+            mock.patch("alora_bench.frontier.domain_config", side_effect=lambda *a, **k: {"datasets": [{}]}):
         cfg = frontier.config(fr.Point("budget_both", 0.8), tmp_path / "out")
+        plain = frontier.config(fr.Point("budget_lora", 0.5), tmp_path / "out")
+    # plain LoRA(ν+μ) under a budget: no importance file, so α between ν (its lora_model_dir) and the end
+    assert plain["alora_keep"] == 0.5 and plain["alora_budget_by"] == "interpolation" and "alora_importance_path" not in plain
     assert cfg["alora_keep"] == 0.8 and cfg["alora_budget_by"] == "both" and cfg["alora_phi"] == 0.3
     assert cfg["alora_general_eval"] == str(text) and cfg["alora_general_eval_samples"] == fr.BUDGET_SAMPLES
     assert fr.Point("budget_phi", 0.5) not in frontier.later_points()

@@ -18,7 +18,8 @@ and each method's middle point on MedMCQA):
     wise_alora     the same between ν and ALoRA's end at its chosen φ
     alora_replay   ALoRA at its chosen φ with 5% replay
     budget_*       ALoRA at its chosen φ under a forgetting budget (alora_keep 0.5 and 0.8), met by interpolation, by
-                   steering φ, or both; steered on held-out text that excludes the frontier's general sample
+                   steering φ, or both; steered on held-out text that excludes the frontier's general sample;
+                   budget_lora: plain LoRA(ν+μ) under the same budgets, met by interpolation toward ν
 
 Every number comes from the product: `axolotl train` on the YAMLs of examples/smollm2-cpu/, `alora fisher`, peft's
 `add_weighted_adapter` for WiSE-FT, lm-eval for accuracy and perplexity, and the plugin's own general-text scoring
@@ -93,6 +94,7 @@ METHODS = {
     "budget_interpolation": Method("Budget: interpolation", "keep", (0.5, 0.8), "domain-alora"),
     "budget_phi": Method("Budget: φ steered", "keep", (0.5, 0.8), "domain-alora"),
     "budget_both": Method("Budget: φ steered, then interpolation", "keep", (0.5, 0.8), "domain-alora"),
+    "budget_lora": Method("Budget: interpolation of plain LoRA(ν+μ)", "keep", (0.5, 0.8), "domain-lora"),
 }
 REPLAY_WITH_ALORA = 0.05
 BUDGET_SAMPLES = 128  # the budget runs' alora_general_eval_samples: 64 control + 64 report sequences
@@ -294,6 +296,10 @@ class Frontier:
         if point.method in ("alora", "alora_nolayer", "alora_replay"):
             cfg.update(alora_importance_path=str(self.paths.general(point.seed) / "alora_importance.safetensors"),
                        alora_phi=point.knob, alora_importance_normalization="mean")
+            reproduce.ensure_general(self.paths, self.scale, point.seed)
+        elif point.method == "budget_lora":  # no importance file: interpolation between ν (lora_model_dir) and the end
+            cfg.update(alora_keep=point.knob, alora_budget_by="interpolation", alora_general_eval=str(self.budget_text()),
+                       alora_general_eval_samples=BUDGET_SAMPLES)
             reproduce.ensure_general(self.paths, self.scale, point.seed)
         elif point.method.startswith("budget_"):
             cfg.update(alora_importance_path=str(self.paths.general(point.seed) / "alora_importance.safetensors"),
