@@ -55,6 +55,7 @@ STAGE_KEYS = {
     "alora_general_eval",
     "alora_general_eval_samples",
     "alora_max_general_loss_rise",
+    "alora_budget_by",
     "alora_record_importance",
     "lora_model_dir",
     "alora_importance_path",
