@@ -200,8 +200,9 @@ def run(args) -> int:
     in_use = bool(keys_in_use(cfg))
     if not errors:
         print(f"{args.config}: ALoRA settings OK" if in_use else f"{args.config}: no alora_ keys in use (plain Axolotl run)")
-        if in_use and budget_line(cfg):
-            print(budget_line(cfg))
+        budget = budget_line(cfg) if in_use else None
+        if budget:
+            print(budget)
     if in_use and cfg.get("adapter") in ("lora", "qlora"):
         print_memory(cfg, args.model_config, [int(k) for k in str(args.ranks).split(",") if k.strip()])
     return 1 if errors else 0

@@ -271,8 +271,9 @@ class GeneralEvalCallback(TrainerCallback):
             LOG.info(self.scores.verdict(self.last))
             if self.budget is not None:
                 LOG.info(self.budget.verdict())
-                if self.budget.slack_note():
-                    LOG.warning(self.budget.slack_note())
+                note = self.budget.slack_note()
+                if note:
+                    LOG.warning(note)
             if self.output_dir:
                 write_json_atomically(Path(self.output_dir) / GENERAL_EVAL_FILENAME, self.summary())
 

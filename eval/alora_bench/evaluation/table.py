@@ -31,6 +31,7 @@ LABELS = {
 def in_training_result(run_dir: str | Path) -> dict | None:
     """A run's `alora_general_eval.json` as an entry of its results: exp(final token loss) and the share kept; for a
     run whose forgetting budget interpolated, the budgeted adapter's (the one evaluated) on the same sample."""
+    from axolotl_alora.forgetting_budget import BudgetRun
     from axolotl_alora.general_eval import GENERAL_EVAL_FILENAME
 
     path = Path(run_dir) / GENERAL_EVAL_FILENAME
@@ -40,8 +41,7 @@ def in_training_result(run_dir: str | Path) -> dict | None:
     loss, kept = watched["final"], watched["kept_share"]
     control = (watched.get("budget") or {}).get("control") or {}
     if control.get("chosen") is not None:
-        loss, base, ref = control["chosen"], control["base"], control["reference"]
-        kept = (base - loss) / (base - ref) if ref is not None and base > ref else None
+        loss, kept = control["chosen"], BudgetRun.kept(control, "chosen")
     return {f"{TOKEN_PPL_METRIC},{FILTER}": math.exp(loss), f"loss,{FILTER}": loss, f"kept_share,{FILTER}": kept,
             "sequences": watched["sequences"]}
 
