@@ -89,6 +89,19 @@ def test_matched_accuracy_interpolates_along_the_curve_and_wise_includes_its_end
     assert Point("alora", 0.3).name == "s0/sciq/alora-0.3"
 
 
+def test_matched_loss_reads_accuracy_where_each_curve_keeps_a_share_of_the_gain():
+    from alora_bench.frontier_report import summary_at_kept
+
+    base, nu = _point("base", None, 0.60, 3.0), _point("general", None, 0.62, 2.5)
+    lora = [_point("lora", 0.5, 0.70, 2.8), _point("lora", 1.0, 0.80, 2.95)]
+    wise = [{**_point("wise_lora", 0.5, 0.72, 2.6), "end_knob": 1.0}]
+    table = "\n".join(summary_at_kept([base, nu, *lora, *wise], base, nu))
+    # 90 / 75 / 50% kept are losses 2.55 / 2.625 / 2.75 (base 3.0, ν 2.5); both curves start at ν (0.62, 2.5)
+    assert "| acc at 90% kept (loss 2.5500) | acc at 75% kept (loss 2.6250) | acc at 50% kept (loss 2.7500) |" in table
+    assert "| LoRA(ν+μ), steps | 63.3% | 65.3% | 68.7% |" in table  # 0.62 + 0.08 × (loss − 2.5) / 0.3
+    assert "| WiSE-FT of LoRA(ν+μ) | 67.0% | 72.6% | 75.4% |" in table  # then 0.72 + 0.08 × (loss − 2.6) / 0.35
+
+
 def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_path, base):
     """Levels come from ν and LoRA(ν+μ)'s end; ALoRA's φ is the lowest general loss at or above the middle level, fixed
     in plan.json; the middle points (nearest the middle level) are rerun at later seeds and on MedMCQA."""

@@ -46,6 +46,7 @@ PILOT_TASK = "alora_sciq_valid"  # the pilot chooses on validation items; test i
 GENERAL_SAMPLES = 64  # the plugin's general-text sample: 64 sequences of sequence_len tokens
 GENERAL_SAMPLE_SEED = 0  # one sample for every point and seed, so losses compare across seeds
 LEVEL_SHARES = (0.25, 0.5, 0.75)  # matched-accuracy levels: ν + share × (LoRA(ν+μ)'s end − ν), fixed before any other method
+KEPT_LEVELS = (0.9, 0.75, 0.5)  # matched-loss levels: these shares of ν's gain in general loss kept
 # the pilot's criteria for the domain stage (a regime where forgetting is material)
 MAX_KEPT = 0.20  # LoRA(ν+μ) gives back at least 80% of the general stage's gain
 MIN_GAIN = 0.05  # and gains at least 5 points of SciQ accuracy over ν

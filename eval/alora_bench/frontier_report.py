@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from alora_bench.frontier import LEVEL_SHARES, METHODS
+from alora_bench.frontier import KEPT_LEVELS, LEVEL_SHARES, METHODS
 
 ANCHORED = {"wise_lora", "wise_alora"}  # WiSE-FT's α = 0 is ν and α = 1 its end point: both belong to its curve
 BUDGET = tuple(m for m in METHODS if m.startswith("budget_"))  # operating points chosen by the plugin, not swept knobs
@@ -164,6 +164,20 @@ def summary(points: list[dict], lv: list[float], base: dict, nu: dict) -> list[s
     return lines
 
 
+def summary_at_kept(points: list[dict], base: dict, nu: dict) -> list[str]:
+    """The other reading of the same curves: the accuracy each method reaches where it keeps KEPT_LEVELS of ν's gain."""
+    losses = [base["general_loss"] - share * (base["general_loss"] - nu["general_loss"]) for share in KEPT_LEVELS]
+    head = " | ".join(f"acc at {100 * s:.0f}% kept (loss {x:.4f})" for s, x in zip(KEPT_LEVELS, losses))
+    lines = [f"| method | {head} |", "|---|" + "---:|" * len(losses)]
+    for name, method in METHODS.items():
+        c = curve(points, name)
+        if not c or name in BUDGET:
+            continue
+        cells = [accuracy_at_loss(c, x) for x in losses]
+        lines.append(f"| {method.label} | " + " | ".join("outside its curve" if a is None else f"{100 * a:.1f}%" for a in cells) + " |")
+    return lines
+
+
 def seeds_table(points: list[dict]) -> list[str]:
     lines = ["| method | knob | seeds | SciQ acc % | general loss | ν's gain kept |", "|---|---:|---:|---:|---:|---:|"]
     any_row = False
@@ -268,6 +282,12 @@ def write_report(results: Path) -> Path:
                   "include their exact ends (α 0 = ν, α 1 = the end adapter); LoRA(ν+μ)'s curves include ν (no domain step, or a "
                   "learning rate of 0) and the learning-rate curve the full-rate run.", ""]
         lines += summary(points, lv, base, nu) + [""]
+    if base and nu:
+        lines += ["## At matched general loss", "",
+                  "The same curves read the other way: the SciQ accuracy each method reaches where it keeps "
+                  f"{', '.join(f'{100 * s:.0f}%' for s in KEPT_LEVELS)} of ν's gain in general loss (linear along its curve). "
+                  "One standard error of a point's accuracy is 1.3–1.9 points.", ""]
+        lines += summary_at_kept(points, base, nu) + [""]
     lines += ["![frontier](frontier.png)", "", "## Every point (seed 0)", ""]
     lines += method_tables(points, base, nu)
     budget = budget_table(points, base, nu) if base and nu else []
