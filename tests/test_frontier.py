@@ -106,7 +106,7 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
     """Levels come from ν and LoRA(ν+μ)'s end; ALoRA's φ is the lowest general loss at or above the middle level, fixed
     in plan.json; the middle points (nearest the middle level) are rerun at later seeds and on MedMCQA."""
     frontier = _frontier(tmp_path, base)
-    frontier.args.methods, frontier.args.first_values, frontier.args.more_seeds = ["lora", "alora", "alora_nolayer", "wise_alora"], 0, [1]
+    frontier.args.methods, frontier.args.first_values, frontier.args.more_seeds = ["lora", "alora", "alora_nolayer", "wise_alora"], 0, [1, 2]
     first = frontier.first_seed_points()
     assert first[:3] == [Point("base"), Point("general"), Point("lora", 1.0)]  # the end first: it fixes the levels
     assert [p.knob for p in first if p.method == "alora"] == [0.03, 0.3, 3.0, 30.0]
@@ -129,6 +129,9 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
     assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest
     later = frontier.later_points()
     assert Point("general", None, 1) in later and Point("alora", 3.0, 1) in later and Point("alora", 3.0, 0, "medmcqa") in later
+    at = later.index
+    assert at(Point("general", None, 1)) < at(Point("alora", 3.0, 1)) < at(Point("general", None, 2)) < at(Point("alora", 3.0, 2))
+    assert at(Point("alora", 3.0, 2)) < at(Point("alora", 3.0, 0, "medmcqa"))  # one seed at a time, MedMCQA last
 
 
 def test_budget_points_use_text_the_frontier_sample_never_reads(tmp_path, base):

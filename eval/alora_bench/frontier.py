@@ -518,9 +518,10 @@ class Frontier:
         return [Point(method, v, seed) for v in values]
 
     def later_points(self) -> list[Point]:
+        """One seed at a time (its general stage, then every middle point), so each chunk completes a seed's rows;
+        then MedMCQA at the first seed."""
         middle = self.middle_points()
-        points = [Point("general", None, s) for s in self.args.more_seeds]
-        points += [replace(p, seed=s) for s in self.args.more_seeds for p in middle]
+        points = [q for s in self.args.more_seeds for q in (Point("general", None, s), *(replace(p, seed=s) for p in middle))]
         points += [Point("base", None, self.args.seeds[0], "medmcqa"), Point("general", None, self.args.seeds[0], "medmcqa")]
         points += [replace(p, task="medmcqa") for p in middle]
         return points
