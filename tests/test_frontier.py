@@ -127,6 +127,7 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
     assert json.loads((frontier.paths.results / "plan.json").read_text())["alora_phi"] == 0.3
     middle = frontier.middle_points()
     assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest
+    assert Point("alora", 0.3) in middle  # the chosen φ too
     later = frontier.later_points()
     assert Point("general", None, 1) in later and Point("alora", 3.0, 1) in later and Point("alora", 3.0, 0, "medmcqa") in later
     at = later.index
