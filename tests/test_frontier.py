@@ -102,6 +102,20 @@ def test_matched_loss_reads_accuracy_where_each_curve_keeps_a_share_of_the_gain(
     assert "| WiSE-FT of LoRA(ν+μ) | 67.0% | 72.6% | 75.4% |" in table  # then 0.72 + 0.08 × (loss − 2.6) / 0.35
 
 
+def test_single_points_compare_with_alora_s_curve_and_the_best_curve_at_their_loss():
+    from alora_bench.frontier_report import single_table, summary_at_kept
+
+    base, nu = _point("base", None, 0.60, 3.0), _point("general", None, 0.62, 2.5)
+    alora = [_point("alora", 3.0, 0.72, 2.7), _point("alora", 0.3, 0.78, 2.85)]
+    l2sp = [_point("l2sp", 3.0, 0.76, 2.7), _point("l2sp", 0.3, 0.80, 2.9)]
+    replay = _point("alora_replay", 3.0, 0.79, 2.75)
+    points = [base, nu, *alora, *l2sp, replay]
+    table = "\n".join(single_table(points, base, nu))
+    # at loss 2.75: ALoRA's curve 0.72 + 0.06 / 3 = 74.0%; L2-SP's 0.76 + 0.04 / 4 = 77.0%, the best
+    assert "| ALoRA + 5% replay, φ 3 | 79.0 ± 2.0 | 50% | 74.0 | 77.0 (L2-SP (Ω ≡ 1)) |" in table
+    assert "ALoRA + 5% replay" not in "\n".join(summary_at_kept(points, base, nu))  # one point is not a curve
+
+
 def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_path, base):
     """Levels come from ν and LoRA(ν+μ)'s end; ALoRA's φ is the lowest general loss at or above the middle level, fixed
     in plan.json; the middle points (nearest the middle level) are rerun at later seeds and on MedMCQA."""
@@ -123,7 +137,8 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
         put(Point("alora", phi), acc, loss)
     assert frontier.levels() == pytest.approx([0.65, 0.70, 0.75])
     chosen = frontier.chosen_points()  # φ 0.3: the lowest loss with acc ≥ 0.70
-    assert chosen == [Point("alora_nolayer", 0.3)] + [Point("wise_alora", a) for a in (0.25, 0.5, 0.75)]
+    assert chosen == ([Point("alora_nolayer", 0.3)] + [Point("wise_alora", a) for a in (0.25, 0.5, 0.75)]
+                      + [Point("alora_nolayer", phi) for phi in (0.03, 3.0, 30.0)])
     assert json.loads((frontier.paths.results / "plan.json").read_text())["alora_phi"] == 0.3
     middle = frontier.middle_points()
     assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest

@@ -10,7 +10,7 @@ and each method's middle point on MedMCQA):
     lora           LoRA(ν+μ): checkpoints at 25/50/75/100% of one run's steps
     lora_lr        LoRA(ν+μ) at 1/3 and 1/10 of the learning rate
     alora          ALoRA, φ swept (dense Ω as recorded, normalization mean, softmax layer weights, τ auto)
-    alora_nolayer  ALoRA − layer (uniform layer weights) at ALoRA's chosen φ
+    alora_nolayer  ALoRA − layer (uniform layer weights): at ALoRA's chosen φ first, then φ swept like ALoRA's
     l2sp           L2-SP toward ν: Ω ≡ 1 (an importance file of ones), uniform layer weights, φ swept
     ewclora        EWCLoRA: a fresh adapter, `alora fisher`'s Ω, λ swept
     replay         LoRA(ν+μ) with 1/5/20% of the domain stage's tokens drawn from general training text
@@ -85,7 +85,7 @@ METHODS = {
     "lora": Method("LoRA(ν+μ), steps", "share of steps", (1.0, 0.5, 0.25, 0.75), "domain-lora"),  # the end first: it fixes the levels
     "lora_lr": Method("LoRA(ν+μ), learning rate", "lr fraction", (1 / 3, 1 / 10), "domain-lora"),
     "alora": Method("ALoRA", "φ", (0.03, 0.3, 3.0, 30.0), "domain-alora"),
-    "alora_nolayer": Method("ALoRA − layer", "φ", (), "domain-alora-nolayer"),
+    "alora_nolayer": Method("ALoRA − layer", "φ", (0.03, 0.3, 3.0, 30.0), "domain-alora-nolayer"),
     "l2sp": Method("L2-SP (Ω ≡ 1)", "φ", (0.03, 0.3, 3.0, 30.0), "domain-alora-nolayer"),
     "ewclora": Method("EWCLoRA", "λ", (0.003, 0.03, 0.3, 3.0), "domain-ewc"),
     "replay": Method("Replay", "general share", (0.01, 0.05, 0.2), "domain-lora"),
@@ -490,6 +490,7 @@ class Frontier:
         seed = self.args.seeds[0]
         points = [Point("alora_nolayer", phi, seed), Point("alora_replay", phi, seed)]
         points += [Point("wise_alora", a, seed) for a in self.sweep("wise_alora")]
+        points += [Point("alora_nolayer", v, seed) for v in self.sweep("alora_nolayer") if v != phi]  # its own curve, last
         return [p for p in points if p.method in self.args.methods]
 
     def budget_points(self) -> list[Point]:

@@ -15,6 +15,8 @@ from alora_bench.frontier import KEPT_LEVELS, LEVEL_SHARES, METHODS
 
 ANCHORED = {"wise_lora", "wise_alora"}  # WiSE-FT's α = 0 is ν and α = 1 its end point: both belong to its curve
 BUDGET = tuple(m for m in METHODS if m.startswith("budget_"))  # operating points chosen by the plugin, not swept knobs
+SINGLE = tuple(m for m in METHODS if not METHODS[m].values)  # one point each, at ALoRA's chosen φ: compared, not interpolated
+CURVES = tuple(m for m in METHODS if m not in BUDGET + SINGLE)
 TASK_LABELS = {"sciq": "SciQ", "medmcqa": "MedMCQA"}
 
 
@@ -80,6 +82,27 @@ def accuracy_at_loss(points: list[dict], loss: float) -> float | None:
     return along(points, "general_loss", loss, "acc", max)
 
 
+def best_at_loss(points: list[dict], loss: float) -> tuple[float, str] | None:
+    """The highest accuracy any swept curve reaches at general loss `loss`, and whose curve it is."""
+    found = [(accuracy_at_loss(curve(points, m), loss), METHODS[m].label) for m in CURVES]
+    found = [(a, label) for a, label in found if a is not None]
+    return max(found) if found else None
+
+
+def single_table(points: list[dict], base: dict, nu: dict) -> list[str]:
+    """The points at ALoRA's chosen φ (− layer, + replay) against ALoRA's own φ curve and the best curve at the same loss."""
+    rows = [p for m in SINGLE for p in points if (p["method"], p["seed"], p["task"]) == (m, 0, "sciq")]
+    if not rows:
+        return []
+    lines = ["| point | SciQ acc % ± s.e. | ν's gain kept | ALoRA's φ curve at that loss | best curve at that loss |", "|---|---:|---:|---:|---|"]
+    for p in rows:
+        share, own, best = kept(p, base, nu), accuracy_at_loss(curve(points, "alora"), p["general_loss"]), best_at_loss(points, p["general_loss"])
+        lines.append(f"| {METHODS[p['method']].label}, φ {p['knob']:g} | {100 * p['acc']:.1f} ± {100 * p['acc_stderr']:.1f} | "
+                     f"{_f(share and 100 * share, '.0f')}{'%' if share is not None else ''} | {_f(own and 100 * own, '.1f')} | "
+                     f"{f'{100 * best[0]:.1f} ({best[1]})' if best else 'outside every curve'} |")
+    return lines
+
+
 def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:
     """Each budget run: the share it was asked to keep, what it kept (on the plugin's report sample and on the
     frontier's own sample), its accuracy, and the best fixed-knob method's accuracy at the same general loss; then
@@ -94,9 +117,7 @@ def budget_table(points: list[dict], base: dict, nu: dict) -> list[str]:
         b = p.get("budget") or {}
         trajectory = b.get("phi_trajectory") or []
         phi = f"{b['phi_start']:.3g} → {trajectory[-1][1]:.3g}" if trajectory else "–"
-        fixed = [(accuracy_at_loss(curve(points, m), p["general_loss"]), METHODS[m].label) for m in METHODS if m not in BUDGET]
-        fixed = [(a, label) for a, label in fixed if a is not None]
-        best = max(fixed) if fixed else None
+        best = best_at_loss(points, p["general_loss"])
         share = kept(p, base, nu)
         report = b.get("report_kept_share")
         lines.append(f"| {METHODS[p['method']].label.removeprefix('Budget: ')} | {p['knob']:g} | {phi} | {_f(b.get('alpha'), '.3g')} | "
@@ -153,7 +174,7 @@ def summary(points: list[dict], lv: list[float], base: dict, nu: dict) -> list[s
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(lv)]
     for name, method in METHODS.items():
         c = curve(points, name)
-        if not c or name in BUDGET:
+        if not c or name not in CURVES:
             continue
         cells = []
         for x in lv:
@@ -171,7 +192,7 @@ def summary_at_kept(points: list[dict], base: dict, nu: dict) -> list[str]:
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(losses)]
     for name, method in METHODS.items():
         c = curve(points, name)
-        if not c or name in BUDGET:
+        if not c or name not in CURVES:
             continue
         cells = [accuracy_at_loss(c, x) for x in losses]
         lines.append(f"| {method.label} | " + " | ".join("outside its curve" if a is None else f"{100 * a:.1f}%" for a in cells) + " |")
@@ -228,7 +249,8 @@ def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
         if not c:
             continue
         ax.errorbar([100 * p["acc"] for p in c], [p["general_loss"] for p in c], xerr=[100 * p["acc_stderr"] for p in c],
-                    marker="D" if name in BUDGET else "o", ms=6 if name in BUDGET else 4, lw=0 if name in BUDGET else 1.2, capsize=0,
+                    marker="D" if name in BUDGET else "P" if name in SINGLE else "o", ms=4 if name in CURVES else 7,
+                    lw=1.2 if name in CURVES else 0, capsize=0,
                     elinewidth=0.4, label=method.label + (" (keep 0.5, 0.8)" if name in BUDGET else ""))
     for ref, marker in (("base", "s"), ("general", "*")):
         p = find(points, ref)
@@ -288,6 +310,11 @@ def write_report(results: Path) -> Path:
                   f"{', '.join(f'{100 * s:.0f}%' for s in KEPT_LEVELS)} of ν's gain in general loss (linear along its curve). "
                   "One standard error of a point's accuracy is 1.3–1.9 points.", ""]
         lines += summary_at_kept(points, base, nu) + [""]
+    single = single_table(points, base, nu) if base and nu else []
+    if single:
+        lines += ["## Changes to ALoRA at its chosen φ", "",
+                  "One point each: its accuracy against the accuracy ALoRA's φ curve, and the best swept curve, reach at the "
+                  "same general loss (linear along the curve).", ""] + single + [""]
     lines += ["![frontier](frontier.png)", "", "## Every point (seed 0)", ""]
     lines += method_tables(points, base, nu)
     budget = budget_table(points, base, nu) if base and nu else []
