@@ -143,6 +143,9 @@ def test_the_plan_sweeps_first_then_alora_s_chosen_phi_then_middle_points(tmp_pa
     middle = frontier.middle_points()
     assert Point("alora", 3.0) in middle and Point("lora", 1.0) in middle  # |0.68 − 0.70| is the nearest
     assert Point("alora", 0.3) in middle  # the chosen φ too
+    put(Point("alora_nolayer", 0.3), 0.79, 2.8)
+    put(Point("alora_nolayer", 3.0), 0.69, 2.6)
+    assert {Point("alora_nolayer", 3.0), Point("alora_nolayer", 0.3)} <= set(frontier.middle_points())  # nearest, and at the chosen φ
     later = frontier.later_points()
     assert Point("general", None, 1) in later and Point("alora", 3.0, 1) in later and Point("alora", 3.0, 0, "medmcqa") in later
     at = later.index

@@ -501,8 +501,9 @@ class Frontier:
                 for keep in METHODS[m].values]
 
     def middle_points(self) -> list[Point]:
-        """Each method's first-seed point nearest the middle accuracy level (for seeds and MedMCQA), and ALoRA at its
-        chosen φ as well: the plugin's default, and the end that WiSE-FT of ALoRA interpolates toward."""
+        """Each method's first-seed point nearest the middle accuracy level (for seeds and MedMCQA), and ALoRA and
+        ALoRA − layer at ALoRA's chosen φ as well: the plugin's default, the end that WiSE-FT of ALoRA interpolates
+        toward, and a pair that says, seed by seed, what the layer weights do."""
         levels = self.levels()
         if levels is None:
             return []
@@ -513,7 +514,7 @@ class Frontier:
                 best = min(found, key=lambda r: abs(r["acc"] - levels[1]))
                 out.append(Point(method, best["knob"], self.args.seeds[0]))
                 chosen = Point(method, self.plan.get("alora_phi"), self.args.seeds[0])
-                if method == "alora" and chosen.knob is not None and chosen not in out:
+                if method in ("alora", "alora_nolayer") and chosen.knob is not None and chosen not in out:
                     out.append(chosen)
         return out
 
