@@ -244,14 +244,15 @@ def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    for name, method in METHODS.items():
+    colors = plt.get_cmap("tab20").colors  # more methods than the default cycle's 10 colours
+    for i, (name, method) in enumerate(METHODS.items()):
         c = curve(points, name)
         if not c:
             continue
         ax.errorbar([100 * p["acc"] for p in c], [p["general_loss"] for p in c], xerr=[100 * p["acc_stderr"] for p in c],
                     marker="D" if name in BUDGET else "P" if name in SINGLE else "o", ms=4 if name in CURVES else 7,
                     lw=1.2 if name in CURVES else 0, capsize=0,
-                    elinewidth=0.4, label=method.label + (" (keep 0.5, 0.8)" if name in BUDGET else ""))
+                    elinewidth=0.4, color=colors[i % len(colors)], label=method.label + (" (keep 0.5, 0.8)" if name in BUDGET else ""))
     for ref, marker in (("base", "s"), ("general", "*")):
         p = find(points, ref)
         if p:
