@@ -215,3 +215,5 @@ def test_lora_curves_start_at_nu():
     assert at_accuracy(curve(points, "lora"), 0.71) == pytest.approx(2.7)
     assert [p["knob"] for p in curve(points, "lora_lr")] == [0.0, 0.1, 1.0]
     assert curve([nu, _point("lora", 1.0, 0.82, 3.0)], "lora_lr") == []  # anchors alone are not a curve
+    replay = curve(points + [_point("replay", 0.05, 0.81, 2.9)], "replay")
+    assert [(p["knob"], p["acc"]) for p in replay] == [(0.0, 0.82), (0.05, 0.81)]  # no replay is LoRA(ν+μ)'s end

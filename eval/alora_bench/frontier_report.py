@@ -42,7 +42,8 @@ def kept(point: dict, base: dict, nu: dict) -> float | None:
 
 
 def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") -> list[dict]:
-    """The method's points at one seed and task, in knob order; WiSE-FT with ν (α 0) and its end point (α 1)."""
+    """The method's points at one seed and task, in knob order; WiSE-FT with ν (α 0) and its end point (α 1); the
+    learning-rate and replay curves with LoRA(ν+μ)'s end (full rate, no replay)."""
     found = sorted((p for p in points if (p["method"], p["seed"], p["task"]) == (method, seed, task)), key=lambda p: p["knob"])
     if not found:
         return []  # a method's curve needs a point of its own; the anchors below are shared
@@ -50,9 +51,10 @@ def curve(points: list[dict], method: str, seed: int = 0, task: str = "sciq") ->
         nu = find(points, "general", seed, task)
         end = find(points, "lora", seed, task, 1.0) if method == "wise_lora" else find(points, "alora", seed, task, found[0].get("end_knob"))
         found = ([{**nu, "knob": 0.0}] if nu else []) + found + ([{**end, "knob": 1.0}] if end else [])
-    if method == "lora_lr":
+    if method in ("lora_lr", "replay"):  # the full-rate run, with no replay, is LoRA(ν+μ)'s end
         end = find(points, "lora", seed, task, 1.0)
-        found = found + ([{**end, "knob": 1.0}] if end else [])
+        anchor = [{**end, "knob": 1.0 if method == "lora_lr" else 0.0}] if end else []
+        found = found + anchor if method == "lora_lr" else anchor + found
     if method in ("lora", "lora_lr"):  # no domain step (or a learning rate of 0) is ν itself
         nu = find(points, "general", seed, task)
         found = ([{**nu, "knob": 0.0}] if nu else []) + found
@@ -303,7 +305,7 @@ def write_report(results: Path) -> Path:
                   f"LoRA(ν+μ) was read: ν + {', '.join(f'{s:g}' for s in LEVEL_SHARES)} × (LoRA(ν+μ)'s end − ν). Linear between the two "
                   "points of a method's curve that bracket the level; \"outside its curve\" where no pair does. WiSE-FT's curves "
                   "include their exact ends (α 0 = ν, α 1 = the end adapter); LoRA(ν+μ)'s curves include ν (no domain step, or a "
-                  "learning rate of 0) and the learning-rate curve the full-rate run.", ""]
+                  "learning rate of 0) the learning-rate curve the full-rate run, and the replay curve that run as its 0%.", ""]
         lines += summary(points, lv, base, nu) + [""]
     if base and nu:
         lines += ["## At matched general loss", "",
