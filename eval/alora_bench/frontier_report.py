@@ -305,7 +305,7 @@ def write_report(results: Path) -> Path:
                   f"LoRA(ν+μ) was read: ν + {', '.join(f'{s:g}' for s in LEVEL_SHARES)} × (LoRA(ν+μ)'s end − ν). Linear between the two "
                   "points of a method's curve that bracket the level; \"outside its curve\" where no pair does. WiSE-FT's curves "
                   "include their exact ends (α 0 = ν, α 1 = the end adapter); LoRA(ν+μ)'s curves include ν (no domain step, or a "
-                  "learning rate of 0) the learning-rate curve the full-rate run, and the replay curve that run as its 0%.", ""]
+                  "learning rate of 0), the learning-rate curve the full-rate run, and the replay curve that run as its 0%.", ""]
         lines += summary(points, lv, base, nu) + [""]
     if base and nu:
         lines += ["## At matched general loss", "",
