@@ -513,9 +513,9 @@ class Frontier:
             if found:
                 best = min(found, key=lambda r: abs(r["acc"] - levels[1]))
                 out.append(Point(method, best["knob"], self.args.seeds[0]))
-                chosen = Point(method, self.plan.get("alora_phi"), self.args.seeds[0])
-                if method in ("alora", "alora_nolayer") and chosen.knob is not None and chosen not in out:
-                    out.append(chosen)
+                if method in ("alora", "alora_nolayer") and self.plan.get("alora_phi") is not None:
+                    chosen = Point(method, self.plan["alora_phi"], self.args.seeds[0])
+                    out += [chosen] if chosen not in out else []
         return out
 
     def points_of(self, method: str) -> list[Point]:

@@ -92,7 +92,7 @@ def best_at_loss(points: list[dict], loss: float) -> tuple[float, str] | None:
 
 
 def single_table(points: list[dict], base: dict, nu: dict) -> list[str]:
-    """The points at ALoRA's chosen φ (− layer, + replay) against ALoRA's own φ curve and the best curve at the same loss."""
+    """The single points at ALoRA's chosen φ (SINGLE: + replay) against ALoRA's own φ curve and the best curve at the same loss."""
     rows = [p for m in SINGLE for p in points if (p["method"], p["seed"], p["task"]) == (m, 0, "sciq")]
     if not rows:
         return []
@@ -174,16 +174,16 @@ def method_tables(points: list[dict], base: dict, nu: dict) -> list[str]:
 def summary(points: list[dict], lv: list[float], base: dict, nu: dict) -> list[str]:
     head = " | ".join(f"loss at {100 * x:.1f}% (kept)" for x in lv)
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(lv)]
-    for name, method in METHODS.items():
+    for name in CURVES:
         c = curve(points, name)
-        if not c or name not in CURVES:
+        if not c:
             continue
         cells = []
         for x in lv:
             loss = at_accuracy(c, x)
             share = kept({"general_loss": loss}, base, nu) if loss is not None else None
             cells.append("outside its curve" if loss is None else f"{loss:.4f} ({100 * share:.0f}%)" if share is not None else f"{loss:.4f}")
-        lines.append(f"| {method.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -192,12 +192,12 @@ def summary_at_kept(points: list[dict], base: dict, nu: dict) -> list[str]:
     losses = [base["general_loss"] - share * (base["general_loss"] - nu["general_loss"]) for share in KEPT_LEVELS]
     head = " | ".join(f"acc at {100 * s:.0f}% kept (loss {x:.4f})" for s, x in zip(KEPT_LEVELS, losses))
     lines = [f"| method | {head} |", "|---|" + "---:|" * len(losses)]
-    for name, method in METHODS.items():
+    for name in CURVES:
         c = curve(points, name)
-        if not c or name not in CURVES:
+        if not c:
             continue
         cells = [accuracy_at_loss(c, x) for x in losses]
-        lines.append(f"| {method.label} | " + " | ".join("outside its curve" if a is None else f"{100 * a:.1f}%" for a in cells) + " |")
+        lines.append(f"| {METHODS[name].label} | " + " | ".join("outside its curve" if a is None else f"{100 * a:.1f}%" for a in cells) + " |")
     return lines
 
 
