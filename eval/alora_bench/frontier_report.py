@@ -202,28 +202,55 @@ def summary_at_kept(points: list[dict], base: dict, nu: dict) -> list[str]:
 
 
 def seeds_table(points: list[dict]) -> list[str]:
-    lines = ["| method | knob | seeds | SciQ acc % | general loss | ν's gain kept |", "|---|---:|---:|---:|---:|---:|"]
+    """Each rerun middle point, seed by seed and as mean ± sample standard deviation: SciQ accuracy and ν's gain kept
+    (each seed against its own general stage)."""
+    lines = ["| method | knob | seeds | SciQ acc %, per seed | mean ± s.d. | ν's gain kept, per seed | mean ± s.d. | general loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     any_row = False
     for name, method in METHODS.items():
         knobs = {p["knob"] for p in points if p["method"] == name and p["task"] == "sciq" and p["seed"] != 0}
         for knob in sorted(knobs):
-            rows = [p for p in points if p["method"] == name and p["task"] == "sciq" and _same(p["knob"], knob)]
-            shares = []
-            for p in rows:
-                b, n = find(points, "base"), find(points, "general", p["seed"])
-                if b and n and kept(p, b, n) is not None:
-                    shares.append(kept(p, b, n))
-            lines.append(f"| {method.label} | {knob:.3g} | {len(rows)} | {_ms([100 * p['acc'] for p in rows], '.1f')} | "
-                         f"{_ms([p['general_loss'] for p in rows], '.4f')} | {_ms([100 * s for s in shares], '.0f')} |")
+            rows = sorted((p for p in points if p["method"] == name and p["task"] == "sciq" and _same(p["knob"], knob)),
+                          key=lambda p: p["seed"])
+            accs, shares = [100 * p["acc"] for p in rows], [100 * s for s in (_kept_own(points, p) for p in rows) if s is not None]
+            lines.append(f"| {method.label} | {knob:.3g} | {len(rows)} | {' / '.join(f'{a:.1f}' for a in accs)} | {_ms(accs, '.1f')} | "
+                         f"{' / '.join(f'{s:.0f}' for s in shares)} | {_ms(shares, '.0f')} | {_ms([p['general_loss'] for p in rows], '.4f')} |")
             any_row = True
     return lines if any_row else []
+
+
+def _kept_own(points: list[dict], p: dict) -> float | None:
+    """ν's gain kept, against the general stage of the point's own seed (the base model is the same for every seed)."""
+    b, n = find(points, "base"), find(points, "general", p["seed"])
+    return kept(p, b, n) if b and n else None
+
+
+def layer_pairs(points: list[dict], phi: float | None) -> list[str]:
+    """ALoRA against ALoRA − layer at the same φ, seed by seed: what the layer weights w_l change, paired so that
+    the seed's own general stage and data order cancel."""
+    lines = ["| seed | ALoRA acc % | − layer acc % | Δ acc, ALoRA over − layer | ALoRA gain kept | − layer gain kept | Δ kept |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    d_acc, d_kept = [], []
+    for seed in sorted({p["seed"] for p in points}):
+        a, n = find(points, "alora", seed, knob=phi), find(points, "alora_nolayer", seed, knob=phi)
+        ka, kn = (_kept_own(points, a), _kept_own(points, n)) if a and n else (None, None)
+        if ka is None or kn is None:
+            continue
+        d_acc.append(100 * (a["acc"] - n["acc"]))
+        d_kept.append(100 * (ka - kn))
+        lines.append(f"| {seed} | {100 * a['acc']:.1f} | {100 * n['acc']:.1f} | {d_acc[-1]:+.1f} | {100 * ka:.0f}% | {100 * kn:.0f}% | "
+                     f"{d_kept[-1]:+.1f} |")
+    if not d_acc:
+        return []
+    lines.append(f"| mean ± s.d. | | | {_ms(d_acc, '+.1f')} | | | {_ms(d_kept, '+.1f')} |")
+    return lines
 
 
 def _ms(values: list[float], fmt: str) -> str:
     if not values:
         return "–"
     text = format(statistics.fmean(values), fmt)
-    return text + (f" ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else "")
+    return text + (f" ± {format(statistics.stdev(values), fmt.lstrip('+'))}" if len(values) > 1 else "")
 
 
 def medmcqa_table(points: list[dict]) -> list[str]:
@@ -331,7 +358,13 @@ def write_report(results: Path) -> Path:
     if seeds:
         lines += ["## Three seeds at each method's middle point", "",
                   "Each method's seed-0 point nearest the middle level, rerun with seeds 1 and 2 (each with its own general stage). "
-                  "Mean ± sample standard deviation over the seeds that exist.", ""] + seeds + [""]
+                  "Mean ± sample standard deviation over the seeds that exist; ν's gain kept is against each seed's own general "
+                  "stage.", ""] + seeds + [""]
+    pairs = layer_pairs(points, plan.get("alora_phi"))
+    if pairs:
+        lines += [f"### What the layer weights change, paired by seed (φ {plan.get('alora_phi'):g})", "",
+                  "ALoRA and ALoRA − layer (uniform w_l, the same element-wise Ω) from the same general stage and data order. "
+                  "One standard error of a single accuracy is about 1.4 points.", ""] + pairs + [""]
     med = medmcqa_table(points)
     if med:
         lines += ["## MedMCQA: each method's middle point, seed 0", "", *med, ""]
