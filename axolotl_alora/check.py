@@ -103,7 +103,7 @@ def budget_line(cfg) -> str | None:
 def importance_file_finding(cfg: dict, path) -> tuple[str, str] | None:
     """("error" | "note", message) about the importance file at `path`, from its metadata alone; None when it is fine."""
     from .hub import is_hub_reference
-    from .importance_file import ImportanceFileError, index_path, read_metadata
+    from .importance_file import ImportanceFileError, index_path, nonfinite_modules, read_metadata
 
     if not path:
         return None
@@ -114,9 +114,12 @@ def importance_file_finding(cfg: dict, path) -> tuple[str, str] | None:
     elif not Path(path).is_file() and not index_path(path).is_file():
         return "note", not_written_yet(cfg, path)
     try:
-        read_metadata(path)
+        bad = nonfinite_modules(read_metadata(path))
     except ImportanceFileError as e:
         return "error", str(e)
+    if bad:
+        return "error", (f"{path}: Ω has NaN/Inf values in {len(bad)} module(s), e.g. {bad[0]}; the general stage diverged. "
+                         "Re-run it (lower learning_rate, or max_grad_norm).")
     return None
 
 

@@ -368,6 +368,16 @@ def _existing(path) -> Path:
     return path
 
 
+def nonfinite_modules(meta: dict) -> list[str]:
+    """Modules whose recorded ‖Ω_l‖ or ΣΩ_l is NaN/Inf, from the metadata alone: the general stage diverged there."""
+    import math
+
+    def bad(value) -> bool:
+        return isinstance(value, (int, float)) and not math.isfinite(value)
+
+    return sorted(n for n, e in meta["modules"].items() if bad(e.get("norm")) or bad(e.get("sum")))
+
+
 def _check_keys(path: Path, meta: dict, keys: list[str]) -> None:
     modules = meta.get("modules")
     if not isinstance(modules, dict) or not modules:

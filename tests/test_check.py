@@ -268,3 +268,25 @@ def test_says_how_the_budget_will_be_met(tmp_path, capsys, extra, line):
     (tmp_path / "g.txt").write_text("general text " * 50)
     assert main(["check", _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_general_eval=str(tmp_path / "g.txt"), **extra)]) == 0
     assert line in capsys.readouterr().out
+
+
+def test_nan_importance_is_an_error_before_training(tmp_path, capsys):
+    """A diverged general stage leaves NaN in Ω; its recorded ‖Ω‖ says so, and the check reads only the metadata."""
+    import torch
+
+    from axolotl_alora.importance_file import ImportanceFile, module_metadata, write_importance_file
+
+    def file(name, omega):
+        mod = "model.layers.0.self_attn.q_proj"
+        data = ImportanceFile(omega={mod: omega}, lora_A={mod: torch.zeros(2, 5)}, lora_B={mod: torch.zeros(6, 2)},
+                              metadata={"source": "si", "modules": {mod: module_metadata(omega, 2, 4, 2.0, False)}, "steps": 3})
+        return str(write_importance_file(tmp_path / name, data))
+
+    good = file("good.safetensors", torch.rand(6, 5))
+    assert main(["check", _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_importance_path=good)]) == 0
+    omega = torch.rand(6, 5)
+    omega[1, 2] = float("nan")
+    bad = file("bad.safetensors", omega)
+    assert main(["check", _write(tmp_path, plugins=["axolotl_alora.AloraPlugin"], alora_importance_path=bad)]) == 1
+    out = capsys.readouterr().out
+    assert "Ω has NaN/Inf values in 1 module(s), e.g. model.layers.0.self_attn.q_proj; the general stage diverged" in out
