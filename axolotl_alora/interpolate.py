@@ -46,25 +46,40 @@ def _refill_at_adapter_precision(model, adapters: list[str], weights: list[float
     """peft gives the new adapter the base layer's dtype, so on an fp16 or bf16 base its factors would be rounded to
     16 bits. Redo peft's "cat" fill in the adapters' own precision (at least float32)."""
     for layer in model.modules():
-        if not hasattr(layer, "lora_A") or name not in layer.lora_A:
+        if factors(layer, name) is None:
             continue
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        dtype = torch.promote_types(layer.lora_A[present[-1][0]].weight.dtype, torch.float32)
-        A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].weight.to(dtype) for a, w in present])
-        B = torch.cat([layer.lora_B[a].weight.to(dtype) for a, _ in present], dim=1)
-        layer.lora_A[name].to(dtype).weight.zero_()[: len(A)] = A
-        layer.lora_B[name].to(dtype).weight.zero_()[:, : B.shape[1]] = B
+        present = [(a, w, factors(layer, a)) for a, w in zip(adapters, weights) if factors(layer, a) is not None]
+        dtype = torch.promote_types(present[-1][2][0].dtype, torch.float32)
+        A = torch.cat([w * layer.scaling[a] * fa.to(dtype) for a, w, (fa, _) in present])
+        B = torch.cat([fb.to(dtype) for _, _, (_, fb) in present], dim=1)
+        target_A, target_B = factors(layer, name)
+        target_A.data = torch.zeros_like(target_A.data, dtype=dtype)
+        target_B.data = torch.zeros_like(target_B.data, dtype=dtype)
+        target_A.data[: len(A)] = A
+        target_B.data[:, : B.shape[1]] = B
+
+
+def factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Adapter `name`'s (A, B) in one LoRA layer: a linear layer's lora_A/lora_B weights, or an embedding's
+    lora_embedding_A/lora_embedding_B; None where the layer does not hold it. ΔW is s·B·A either way (an embedding's
+    is its transpose)."""
+    if name in getattr(layer, "lora_A", {}):
+        return layer.lora_A[name].weight, layer.lora_B[name].weight
+    if name in getattr(layer, "lora_embedding_A", {}):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return None
 
 
 def delta(layer, name: str) -> torch.Tensor:
     """s·B·A of adapter `name` in one LoRA layer, in float64."""
-    return layer.scaling[name] * layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
+    A, B = factors(layer, name)
+    return layer.scaling[name] * B.double() @ A.double()
 
 
 @torch.no_grad()
 def check_interpolation(model, ref: str | None, end: str, alpha: float, name: str) -> None:
     for module_name, layer in model.named_modules():
-        if not hasattr(layer, "lora_A") or name not in layer.lora_A:
+        if factors(layer, name) is None:
             continue
         expected = alpha * delta(layer, end) + ((1 - alpha) * delta(layer, ref) if ref is not None else 0)
         got = delta(layer, name)

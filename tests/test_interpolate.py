@@ -21,15 +21,15 @@ def base(tmp_path_factory):
     return pretrain(model, write_text_jsonl(root / "known.jsonl", 60, seed=4, tokenizer_dir=model, tokens=24), steps=35)
 
 
-def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int, std: float = 0.1) -> Path:
+def _adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool, seed: int, std: float = 0.1, targets=("q_proj", "v_proj")) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rslora))
-    for name, p in model.named_parameters():  # peft starts B at 0; a trained adapter has B ≠ 0
-        if "lora_B" in name:
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora))
+    for name, p in model.named_parameters():  # peft starts B at 0 (an embedding's A); a trained adapter has both ≠ 0
+        if "lora_B" in name or "lora_embedding" in name:
             torch.nn.init.normal_(p, std=std)
     model.save_pretrained(str(out))
     return out
@@ -72,6 +72,33 @@ def test_a_half_precision_base_keeps_the_adapters_precision(tmp_path, base, dtyp
     got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
     for name in got:
         torch.testing.assert_close(got[name], 0.4 * a[name] + 0.6 * b[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_lora_is_interpolated_and_checked(tmp_path, base, dtype):
+    """An adapter on embed_tokens keeps its factors in lora_embedding_A/B, not lora_A/B: interpolated in the adapters'
+    precision like the linear layers, and held to the formula."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_alora.interpolate import INTERPOLATED, add_interpolation, check_interpolation, factors, save_adapter
+
+    targets = ("q_proj", "embed_tokens")
+    ref, end = (_adapter(base, tmp_path / n, 4, a, False, seed=s, targets=targets) for n, a, s in (("ref", 8, 1), ("end", 16, 2)))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(end), adapter_name="end")
+    model.load_adapter(str(ref), adapter_name="ref")
+    add_interpolation(model, "ref", "end", 0.3)
+    assert {p.dtype for n, p in model.named_parameters() if INTERPOLATED in n} == {torch.float32}
+    save_adapter(model, INTERPOLATED, tmp_path / "wise")
+    got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
+    assert any("embed_tokens" in name for name in got) and set(got) == set(a)
+    for name in got:
+        torch.testing.assert_close(got[name], 0.7 * a[name] + 0.3 * b[name], rtol=1e-5, atol=1e-7)
+    embedding = next(m for m in model.modules() if factors(m, INTERPOLATED) is not None and hasattr(m, "lora_embedding_A")
+                     and INTERPOLATED in m.lora_embedding_A)
+    factors(embedding, INTERPOLATED)[0].data.mul_(2)  # a wrong embedding factor must not pass the check
+    with pytest.raises(RuntimeError, match="embed_tokens"):
+        check_interpolation(model, "ref", "end", 0.3, INTERPOLATED)
 
 
 def test_no_reference_is_a_zero_delta(tmp_path, base):

@@ -87,8 +87,10 @@ def adapter_deltas(adapter: Path) -> dict:
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
     s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
     tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-    return {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
-            for k in tensors if k.endswith("lora_A.weight")}
+    deltas = {k.replace(".lora_A.weight", ""): s * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()
+              for k in tensors if k.endswith("lora_A.weight")}
+    return deltas | {k.replace(".lora_embedding_A", ""): s * tensors[k.replace("_A", "_B")].double() @ tensors[k].double()
+                     for k in tensors if k.endswith("lora_embedding_A")}  # an embedding's ΔW, transposed
 
 
 def train_logs(text: str) -> list[dict]:
