@@ -219,21 +219,23 @@ def test_lora_curves_start_at_nu():
     assert [(p["knob"], p["acc"]) for p in replay] == [(0.0, 0.82), (0.05, 0.81)]  # no replay is LoRA(ν+μ)'s end
 
 
-def test_seeds_show_each_seed_and_pair_alora_with_uniform_layer_weights():
-    """Each seed's gain kept is against its own general stage; the layer-weight pairs subtract within a seed."""
-    from alora_bench.frontier_report import layer_pairs, seeds_table
+def test_seeds_show_each_seed_and_pair_alora_with_each_middle_point():
+    """Each seed's gain kept is against its own general stage; ALoRA's differences from a method subtract within a seed."""
+    from alora_bench.frontier_report import against_alora, seeds_table
 
     base = _point("base", None, 0.60, 3.0)
     nus = [_point("general", None, 0.62, 2.5, seed=0), _point("general", None, 0.62, 2.6, seed=1)]
     alora = [_point("alora", 3.0, 0.80, 2.6, seed=0), _point("alora", 3.0, 0.84, 2.8, seed=1)]
     flat = [_point("alora_nolayer", 3.0, 0.81, 2.55, seed=0), _point("alora_nolayer", 3.0, 0.82, 2.7, seed=1)]
-    points = [base, *nus, *alora, *flat]
+    lr = [_point("lora_lr", 0.1, 0.78, 2.7, seed=0), _point("lora_lr", 0.1, 0.80, 2.9, seed=1)]
+    points = [base, *nus, *alora, *flat, *lr]
     table = "\n".join(seeds_table(points))
     # seed 0 keeps (3.0 − 2.6) / 0.5 = 80%, seed 1 (3.0 − 2.8) / 0.4 = 50%: mean 65, s.d. 21.2
     assert "| ALoRA | 3 | 2 | 80.0 / 84.0 | 82.0 ± 2.8 | 80 / 50 | 65 ± 21 | 2.7000 ± 0.1414 |" in table
-    pairs = "\n".join(layer_pairs(points, 3.0))
+    pairs = "\n".join(against_alora(points, 3.0))
     # − layer keeps 90% (seed 0) and 75% (seed 1): Δ kept −10 and −25; Δ acc −1 and +2
-    assert "| 0 | 80.0 | 81.0 | -1.0 | 80% | 90% | -10.0 |" in pairs
-    assert "| 1 | 84.0 | 82.0 | +2.0 | 50% | 75% | -25.0 |" in pairs
-    assert "| mean ± s.d. | | | +0.5 ± 2.1 | | | -17.5 ± 10.6 |" in pairs
-    assert layer_pairs([base, *nus, *alora], 3.0) == []  # no − layer run: no table
+    assert "| ALoRA − layer | 3 | -1.0 / +2.0 | +0.5 ± 2.1 | -10 / -25 | -17.5 ± 10.6 | no |" in pairs
+    # the learning rate keeps 60% and 25%: ALoRA ahead by 2 and 4 points of accuracy, 20 and 25 of the gain
+    assert "| LoRA(ν+μ), learning rate | 0.1 | +2.0 / +4.0 | +3.0 ± 1.4 | +20 / +25 | +22.5 ± 3.5 | yes |" in pairs
+    assert "| ALoRA | 3 |" not in pairs  # not against itself
+    assert against_alora([base, *nus, alora[0], *flat], 3.0) == []  # one seed of ALoRA: nothing to pair
