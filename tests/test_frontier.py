@@ -239,3 +239,12 @@ def test_seeds_show_each_seed_and_pair_alora_with_each_middle_point():
     assert "| LoRA(ν+μ), learning rate | 0.1 | +2.0 / +4.0 | +3.0 ± 1.4 | +20 / +25 | +22.5 ± 3.5 | yes |" in pairs
     assert "| ALoRA | 3 |" not in pairs  # not against itself
     assert against_alora([base, *nus, alora[0], *flat], 3.0) == []  # one seed of ALoRA: nothing to pair
+
+
+def test_medmcqa_names_each_letter_s_share_of_the_answers():
+    """An accuracy equal to one letter's share is a model that always gives that letter: the report lists the shares."""
+    from alora_bench.frontier_report import letter_note
+
+    note = letter_note({"A": 0.332, "B": 0.248, "C": 0.224, "D": 0.196})
+    assert "the scored items' answers are A 33.2%, B 24.8%, C 22.4%, D 19.6%" in note
+    assert letter_note(None) == ""

@@ -272,6 +272,27 @@ def medmcqa_table(points: list[dict]) -> list[str]:
     return lines
 
 
+def letter_shares(limit) -> dict[str, float] | None:
+    """The share of each answer letter among the MedMCQA test items the frontier scores (None without the data)."""
+    from alora_bench.data import medmcqa_docs
+
+    try:
+        docs = medmcqa_docs("test")[: limit if isinstance(limit, int) else None]
+    except FileNotFoundError:
+        return None
+    return {letter: sum(d["cop"] == i for d in docs) / len(docs) for i, letter in enumerate("ABCD")}
+
+
+def letter_note(shares: dict[str, float] | None) -> str:
+    """lm-eval scores MedMCQA by the answer letter: a model that always gives one letter scores that letter's share."""
+    if not shares:
+        return ""
+    listed = ", ".join(f"{letter} {100 * share:.1f}%" for letter, share in shares.items())
+    return (f"lm-eval scores MedMCQA by the likelihood of the answer letter; the scored items' answers are {listed}. A model "
+            "that always gives one letter scores that letter's share: an accuracy at one of these shares is no evidence of "
+            "domain ability. The general-loss columns still measure forgetting.")
+
+
 def plot(points: list[dict], lv: list[float] | None, path: Path) -> Path:
     import matplotlib
 
@@ -375,7 +396,9 @@ def write_report(results: Path) -> Path:
                   "is about 1.4 points. ALoRA − layer is the layer weights' ablation (uniform w_l, the same Ω).", ""] + pairs + [""]
     med = medmcqa_table(points)
     if med:
-        lines += ["## MedMCQA: each method's middle point, seed 0", "", *med, ""]
+        lines += ["## MedMCQA: each method's middle point, seed 0", "",
+                  "The same domain-stage settings, on MedMCQA's training split instead of SciQ's. " + letter_note(letter_shares(scale.get("limit"))),
+                  "", *med, ""]
     path = results / "frontier.md"
     path.write_text("\n".join(lines))
     plot(points, lv, results / "frontier.png")
