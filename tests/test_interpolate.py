@@ -54,51 +54,34 @@ def test_interpolated_adapter_is_the_formula(tmp_path, base, ref_r, ref_rslora, 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "wise"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_half_precision_base_keeps_the_adapters_precision(tmp_path, base, dtype):
+QV, EMBEDDING = ("q_proj", "v_proj"), ("q_proj", "embed_tokens")
+
+
+@pytest.mark.parametrize("dtype,targets", [(torch.float16, QV), (torch.bfloat16, QV), (torch.float32, EMBEDDING), (torch.bfloat16, EMBEDDING)])
+def test_a_half_precision_base_keeps_the_adapters_precision(tmp_path, base, dtype, targets):
     """During an fp16 or bf16 run the base layers are 16-bit and the adapters float32. peft gives a new adapter the
-    base layer's dtype, which would round the interpolated factors; they must stay float32 and the formula exact."""
+    base layer's dtype, which would round the interpolated factors; they must stay float32 and the formula exact.
+    An adapter on embed_tokens keeps its factors in lora_embedding_A/B, not lora_A/B: the same holds, and the check
+    covers it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from axolotl_alora.interpolate import INTERPOLATED, add_interpolation, save_adapter
+    from axolotl_alora.interpolate import INTERPOLATED, add_interpolation, check_interpolation, factors, save_adapter
 
-    ref, end = _adapter(base, tmp_path / "ref", 4, 8, False, seed=1), _adapter(base, tmp_path / "end", 4, 16, False, seed=2)
+    ref, end = (_adapter(base, tmp_path / n, 4, a, False, seed=s, targets=targets) for n, a, s in (("ref", 8, 1), ("end", 16, 2)))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(end), adapter_name="end")
     model.load_adapter(str(ref), adapter_name="ref")
     add_interpolation(model, "ref", "end", 0.6)
     assert {p.dtype for n, p in model.named_parameters() if INTERPOLATED in n} == {torch.float32}
     save_adapter(model, INTERPOLATED, tmp_path / "wise")
     got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
+    assert set(got) == set(a) and any(t in name for name in got for t in targets[1:])
     for name in got:
         torch.testing.assert_close(got[name], 0.4 * a[name] + 0.6 * b[name], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_embedding_lora_is_interpolated_and_checked(tmp_path, base, dtype):
-    """An adapter on embed_tokens keeps its factors in lora_embedding_A/B, not lora_A/B: interpolated in the adapters'
-    precision like the linear layers, and held to the formula."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from axolotl_alora.interpolate import INTERPOLATED, add_interpolation, check_interpolation, factors, save_adapter
-
-    targets = ("q_proj", "embed_tokens")
-    ref, end = (_adapter(base, tmp_path / n, 4, a, False, seed=s, targets=targets) for n, a, s in (("ref", 8, 1), ("end", 16, 2)))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(end), adapter_name="end")
-    model.load_adapter(str(ref), adapter_name="ref")
-    add_interpolation(model, "ref", "end", 0.3)
-    assert {p.dtype for n, p in model.named_parameters() if INTERPOLATED in n} == {torch.float32}
-    save_adapter(model, INTERPOLATED, tmp_path / "wise")
-    got, a, b = adapter_deltas(tmp_path / "wise"), adapter_deltas(ref), adapter_deltas(end)
-    assert any("embed_tokens" in name for name in got) and set(got) == set(a)
-    for name in got:
-        torch.testing.assert_close(got[name], 0.7 * a[name] + 0.3 * b[name], rtol=1e-5, atol=1e-7)
-    embedding = next(m for m in model.modules() if factors(m, INTERPOLATED) is not None and hasattr(m, "lora_embedding_A")
-                     and INTERPOLATED in m.lora_embedding_A)
-    factors(embedding, INTERPOLATED)[0].data.mul_(2)  # a wrong embedding factor must not pass the check
-    with pytest.raises(RuntimeError, match="embed_tokens"):
-        check_interpolation(model, "ref", "end", 0.3, INTERPOLATED)
+    layer = next(m for n, m in model.named_modules() if n.endswith(targets[-1]) and factors(m, INTERPOLATED) is not None)
+    factors(layer, INTERPOLATED)[0].data.mul_(2)  # a wrong factor must not pass the check
+    with pytest.raises(RuntimeError, match=targets[-1]):
+        check_interpolation(model, "ref", "end", 0.6, INTERPOLATED)
 
 
 def test_no_reference_is_a_zero_delta(tmp_path, base):
