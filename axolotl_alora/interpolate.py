@@ -48,7 +48,7 @@ def _refill_at_adapter_precision(model, adapters: list[str], weights: list[float
     for layer in model.modules():
         if factors(layer, name) is None:
             continue
-        present = [(a, w, factors(layer, a)) for a, w in zip(adapters, weights) if factors(layer, a) is not None]
+        present = [(a, w, f) for a, w in zip(adapters, weights) if (f := factors(layer, a)) is not None]
         dtype = torch.promote_types(present[-1][2][0].dtype, torch.float32)
         A = torch.cat([w * layer.scaling[a] * fa.to(dtype) for a, w, (fa, _) in present])
         B = torch.cat([fb.to(dtype) for _, _, (_, fb) in present], dim=1)

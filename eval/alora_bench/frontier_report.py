@@ -208,8 +208,7 @@ def seeds_table(points: list[dict]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     any_row = False
     for name, method in METHODS.items():
-        knobs = {p["knob"] for p in points if p["method"] == name and p["task"] == "sciq" and p["seed"] != 0}
-        for knob in sorted(knobs):
+        for knob in rerun_knobs(points, name):
             rows = sorted((p for p in points if p["method"] == name and p["task"] == "sciq" and _same(p["knob"], knob)),
                           key=lambda p: p["seed"])
             accs, shares = [100 * p["acc"] for p in rows], [100 * s for s in (_kept_own(points, p) for p in rows) if s is not None]
@@ -217,6 +216,11 @@ def seeds_table(points: list[dict]) -> list[str]:
                          f"{' / '.join(f'{s:.0f}' for s in shares)} | {_ms(shares, '.0f')} | {_ms([p['general_loss'] for p in rows], '.4f')} |")
             any_row = True
     return lines if any_row else []
+
+
+def rerun_knobs(points: list[dict], method: str) -> list[float]:
+    """The method's knobs rerun with more seeds than the first (its SciQ middle points), in order."""
+    return sorted({p["knob"] for p in points if p["method"] == method and p["task"] == "sciq" and p["seed"] != 0})
 
 
 def _kept_own(points: list[dict], p: dict) -> float | None:
@@ -235,8 +239,7 @@ def against_alora(points: list[dict], phi: float | None) -> list[str]:
     lines = ["| method | knob | Δ acc, per seed | mean ± s.d. | Δ gain kept, per seed | mean ± s.d. | ALoRA ahead on both, every seed |",
              "|---|---:|---:|---:|---:|---:|:-:|"]
     for name, method in METHODS.items():
-        knobs = {p["knob"] for p in points if p["method"] == name and p["task"] == "sciq" and p["seed"] != 0}
-        for knob in sorted(k for k in knobs if not (name == "alora" and _same(k, phi))):
+        for knob in (k for k in rerun_knobs(points, name) if not (name == "alora" and _same(k, phi))):
             d_acc, d_kept = [], []
             for seed in seeds:
                 a, m = find(points, "alora", seed, knob=phi), find(points, name, seed, knob=knob)
