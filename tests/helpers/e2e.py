@@ -47,6 +47,7 @@ def base_config(model_dir, data_path, out_dir, prepared_dir, **overrides) -> dic
         "save_strategy": "no",
         "seed": 7,
         "dataloader_num_workers": 0,
+        "dataset_num_proc": 1,  # a worker pool for tokenizing a few dozen rows costs more than it saves
         "plugins": ["axolotl_alora.AloraPlugin"],
     }
     cfg.update(overrides)
